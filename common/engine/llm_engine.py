@@ -1,0 +1,263 @@
+"""The engine: requests in, tokens out, one `step()` at a time. Not thread-safe: one owner thread
+(see async_engine) calls every method."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as Seq
+
+from common.config import EngineConfig
+from common.engine.model_runner import ModelRunner
+from common.engine.outputs import KVExport, RequestOutput
+from common.engine.sampling import SamplingParams
+from common.engine.scheduler import Scheduler
+from common.engine.sequence import Sequence, SeqStatus
+from common.errors import InvalidRequestError, UnknownRequestError
+from common.kv.block_manager import BlockManager
+from common.kv.cache import KVCache
+from common.kv.events import KVEventLog
+from common.kv.layout import KVLayout
+from common.model.llama import LlamaForCausalLM
+from common.tokenizer import Tokenizer
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        config: EngineConfig,
+        model_id: str,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        cfg = model.config
+        self.config = config
+        self.tokenizer = tokenizer
+        self.max_model_len = config.max_model_len or min(cfg.max_position, 8192)
+        if self.max_model_len > cfg.max_position:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's {cfg.max_position}")
+        self.layout = KVLayout(
+            model_id=model_id,
+            dtype=config.resolved_dtype(),
+            block_size=config.block_size,
+            num_layers=cfg.num_layers,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+        )
+        num_blocks = config.num_kv_blocks or max(1, config.kv_cache_mb * 2**20 // self.layout.block_bytes)
+        self.cache = KVCache(self.layout, num_blocks, config.device)
+        self.events = KVEventLog()
+        self.blocks = BlockManager(num_blocks, config.block_size, self.events)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.cache, config.device)
+        eos = set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
+        self.eos_token_ids = frozenset(eos)
+        self.seqs: dict[str, Sequence] = {}  # every request holding engine state
+        self.num_steps = 0
+
+    # -- requests -------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams,
+        prefill_only: bool = False,
+    ) -> None:
+        self._validate(request_id, prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), params, prefill_only=prefill_only)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is and free its blocks at once. False if unknown."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        self._free(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        self.num_steps += 1
+        sampled = self.runner.run(batch.seqs)
+        outputs = []
+        for seq, n in batch.seqs:
+            seq.num_computed_tokens += n
+            self.blocks.commit(seq)
+            token = sampled.get(seq.request_id)
+            if token is not None:
+                outputs.append(self._append_token(seq, token))
+        return outputs
+
+    def fail(self, request_ids: Seq[str], message: str) -> list[RequestOutput]:
+        """Finish these requests with an error (the loop calls this when a step raised)."""
+        outs = []
+        for rid in request_ids:
+            seq = self.seqs.get(rid)
+            if seq is not None:
+                self.abort(rid)
+                outs.append(RequestOutput(rid, finished=True, finish_reason="error", error=message))
+        return outs
+
+    # -- prefill-only and imported KV -----------------------------------------------------------
+    def export_kv(self, request_id: str) -> KVExport:
+        seq = self._pinned(request_id)
+        return KVExport(
+            request_id, list(seq.block_table), len(seq.prompt_token_ids), self.layout, seq.lease_deadline or 0.0
+        )
+
+    def release(self, request_id: str) -> bool:
+        """Free a pinned request's blocks (the decode side has them). False if unknown or gone."""
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.status is not SeqStatus.PINNED:
+            return False
+        return self.abort(request_id)
+
+    def expire_leases(self, now: float | None = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        expired = [
+            rid
+            for rid, s in self.seqs.items()
+            if s.status is SeqStatus.PINNED and s.lease_deadline is not None and s.lease_deadline <= now
+        ]
+        for rid in expired:
+            self.abort(rid)
+        return expired
+
+    def next_lease_deadline(self) -> float | None:
+        deadlines = [s.lease_deadline for s in self.seqs.values() if s.status is SeqStatus.PINNED]
+        return min((d for d in deadlines if d is not None), default=None)
+
+    def begin_import(
+        self, request_id: str, prompt_token_ids: Seq[int], first_token: int, params: SamplingParams
+    ) -> list[int]:
+        """Reserve blocks for a prompt whose K/V arrive from another worker. Returns the block ids
+        to fill; then call `finish_import` (or `abort`)."""
+        self._validate(request_id, prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), params)
+        if self.blocks.blocks_for(len(prompt_token_ids)) > self.blocks.num_free_blocks:
+            raise MemoryError(
+                f"not enough free KV blocks to import {len(prompt_token_ids)} tokens "
+                f"({self.blocks.num_free_blocks} blocks free)"
+            )
+        seq.block_table = self.blocks.allocate_blocks(self.blocks.blocks_for(len(prompt_token_ids)))
+        seq.output_token_ids = [first_token]
+        seq.status = SeqStatus.PINNED  # held, not scheduled, until the blocks are filled
+        self.seqs[request_id] = seq
+        return list(seq.block_table)
+
+    def finish_import(self, request_id: str) -> RequestOutput | None:
+        """The imported blocks are filled: register their hashes and join the running batch.
+        Returns a final output if the imported first token already ends the request."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            raise UnknownRequestError(request_id)
+        seq.num_computed_tokens = len(seq.prompt_token_ids)
+        seq.first_token_time = time.monotonic()
+        self.blocks.commit(seq)
+        reason = self._stop_reason(seq, seq.output_token_ids[-1])
+        if reason is not None:
+            return self._finish(seq, reason, [seq.output_token_ids[-1]])
+        self.scheduler.add_running(seq)
+        return None
+
+    # -- stats ----------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        return {
+            "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running),
+            "pinned": sum(s.status is SeqStatus.PINNED for s in self.seqs.values()),
+            "free_blocks": self.blocks.num_free_blocks,
+            "total_blocks": self.blocks.num_blocks,
+            "cached_blocks": self.blocks.num_cached_blocks,
+            "prefix_query_tokens": self.blocks.prefix_queries,
+            "prefix_hit_tokens": self.blocks.prefix_hits,
+        }
+
+    # -- internals ------------------------------------------------------------------------------
+    def _validate(self, request_id: str, prompt: Seq[int], params: SamplingParams) -> None:
+        if request_id in self.seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty; give at least one token", "prompt")
+        params.validate()
+        vocab = self.runner.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if len(prompt) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt)} tokens; this model's context window is {self.max_model_len} "
+                "and at least one must be left to generate",
+                "prompt",
+            )
+        if self.blocks.blocks_for(len(prompt) + params.max_tokens) > self.blocks.num_blocks:
+            limit = self.blocks.num_blocks * self.blocks.block_size - len(prompt)
+            raise InvalidRequestError(
+                f"prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceed the KV cache "
+                f"({self.blocks.num_blocks * self.blocks.block_size} tokens); use max_tokens <= {limit}",
+                "max_tokens",
+            )
+
+    def _pinned(self, request_id: str) -> Sequence:
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.status is not SeqStatus.PINNED:
+            raise UnknownRequestError(f"no pinned KV for request {request_id!r} (released or lease expired)")
+        return seq
+
+    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+        seq.output_token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        reason = self._stop_reason(seq, token)
+        if reason is not None:
+            return self._finish(seq, reason, [token])
+        if seq.prefill_only:
+            self.scheduler.remove(seq)
+            seq.status = SeqStatus.PINNED
+            seq.lease_deadline = time.monotonic() + self.config.lease_seconds
+            return self._output(seq, [token], pinned=True)
+        return self._output(seq, [token])
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        if p.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_token_ids)
+            cut = min((i for s in p.stop if (i := text.find(s)) >= 0), default=-1)
+            seq.output_text = text if cut < 0 else text[:cut]
+            if cut >= 0:
+                return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str, new_tokens: list[int]) -> RequestOutput:
+        seq.finish_reason = reason
+        self.abort(seq.request_id)
+        seq.status = SeqStatus.FINISHED
+        return self._output(seq, new_tokens)
+
+    def _output(self, seq: Sequence, new_tokens: list[int], pinned: bool = False) -> RequestOutput:
+        return RequestOutput(
+            seq.request_id,
+            new_tokens,
+            finished=seq.status is SeqStatus.FINISHED,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=len(seq.prompt_token_ids),
+            num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=len(seq.output_token_ids),
+            pinned=pinned,
+            text=seq.output_text if seq.params.stop else None,
+        )
+
+    def _free(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.blocks.free(seq)
+        self.runner.sampler.forget(seq.request_id)
+

@@ -1,0 +1,30 @@
+"""Errors a caller can act on. Each names the offending field or path and what would be valid."""
+
+from __future__ import annotations
+
+
+class KVRelayError(Exception):
+    """Base class for every error kvrelay raises on purpose."""
+
+
+class InvalidRequestError(KVRelayError, ValueError):
+    """A request parameter is out of range; `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ModelLoadError(KVRelayError):
+    """A weights path is missing, unreadable, or not a format we load."""
+
+
+class CacheFullError(KVRelayError):
+    """The KV cache cannot hold a request even when it runs alone."""
+
+
+class UnknownRequestError(KVRelayError, KeyError):
+    """A request id the engine does not know (finished, released or never submitted)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown request"

@@ -1,0 +1,67 @@
+"""The paged KV cache: one tensor of fixed-size blocks, block-major so a block is contiguous.
+
+Shape [num_blocks, num_layers, 2 (k, v), block_size, num_kv_heads, head_dim]. Keeping a whole
+block in one region means a transfer moves one region per block (or per run of adjacent blocks),
+and NIXL registers the whole cache once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from common.kv.layout import KVLayout
+
+
+class KVCache:
+    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device | str = "cpu") -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.layout = layout
+        self.num_blocks = num_blocks
+        self.tensor = torch.zeros(
+            num_blocks,
+            layout.num_layers,
+            2,
+            layout.block_size,
+            layout.num_kv_heads,
+            layout.head_dim,
+            dtype=getattr(torch, layout.dtype),
+            device=device,
+        )
+
+    @property
+    def block_size(self) -> int:
+        return self.layout.block_size
+
+    def write(
+        self, layer: int, block_ids: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Store k, v ([T, H, D]) of T tokens at (block_ids[t], offsets[t]) of one layer."""
+        self.tensor[block_ids, layer, 0, offsets] = k
+        self.tensor[block_ids, layer, 1, offsets] = v
+
+    def gather(self, layer: int, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the blocks in block_table ([..., n]) as [..., n * block_size, H, D]."""
+        kv = self.tensor[block_table, layer]  # [..., n, 2, bs, H, D]
+        lead = block_table.shape[:-1]
+        n = block_table.shape[-1]
+        k = kv[..., 0, :, :, :].reshape(*lead, n * self.block_size, *kv.shape[-2:])
+        v = kv[..., 1, :, :, :].reshape(*lead, n * self.block_size, *kv.shape[-2:])
+        return k, v
+
+    def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """A copy of whole blocks, [n, layers, 2, bs, H, D], for export."""
+        return self.tensor[torch.as_tensor(list(block_ids), dtype=torch.long)].clone()
+
+    def write_blocks(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
+        """Fill whole blocks from an export of the same layout."""
+        expected = (len(block_ids), *self.tensor.shape[1:])
+        if tuple(data.shape) != expected:
+            raise ValueError(f"block data has shape {tuple(data.shape)}, expected {expected}")
+        self.tensor[torch.as_tensor(list(block_ids), dtype=torch.long)] = data.to(self.tensor.dtype)
+
+    def block_view(self, block_id: int) -> torch.Tensor:
+        """The live memory of one block (no copy): what a zero-copy transport reads or writes."""
+        return self.tensor[block_id]

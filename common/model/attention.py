@@ -1,0 +1,81 @@
+"""Paged attention over the KV cache for a mixed batch of prefill chunks and decode tokens.
+
+The batch is a flat list of T new tokens. Decode sequences (one new token each) are attended
+together in one padded SDPA call; each prefill chunk gets its own call, so a long prompt and
+many decodes share one forward pass without one padding the other. The metadata is built by
+the model runner and passed explicitly; there is no global context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common.kv.cache import KVCache
+
+
+@dataclass
+class PrefillChunk:
+    start: int  # first index of this chunk's tokens in the flat batch
+    num_new: int  # tokens computed in this step
+    context_len: int  # tokens in the sequence after this step (cached + earlier chunks + new)
+    block_table: torch.Tensor  # [ceil(context_len / block_size)]
+
+
+@dataclass
+class AttentionMetadata:
+    slot_blocks: torch.Tensor  # [T] block id each new token's K/V is written to
+    slot_offsets: torch.Tensor  # [T] offset inside that block
+    prefills: list[PrefillChunk]
+    decode_token_idx: torch.Tensor  # [B] index in the flat batch of each decode token
+    decode_block_tables: torch.Tensor  # [B, max_blocks], padded with 0
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size], True = attend
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: int,
+    cache: KVCache,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hk, D] for the new tokens. Returns [T, Hq, D]."""
+    cache.write(layer, meta.slot_blocks, meta.slot_offsets, k, v)
+    out = torch.empty_like(q)
+    for chunk in meta.prefills:
+        sl = slice(chunk.start, chunk.start + chunk.num_new)
+        if chunk.context_len == chunk.num_new:
+            # Nothing cached before this chunk: attend to the fresh K/V, no gather.
+            ck, cv, mask, causal = k[sl], v[sl], None, True
+        else:
+            ck, cv = cache.gather(layer, chunk.block_table)
+            ck, cv = ck[: chunk.context_len], cv[: chunk.context_len]
+            past = chunk.context_len - chunk.num_new
+            qpos = torch.arange(past, chunk.context_len).unsqueeze(1)
+            mask, causal = torch.arange(chunk.context_len).unsqueeze(0) <= qpos, False
+        out[sl] = F.scaled_dot_product_attention(
+            q[sl].transpose(0, 1),
+            ck.transpose(0, 1),
+            cv.transpose(0, 1),
+            attn_mask=mask,
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=True,
+        ).transpose(0, 1)
+    if meta.decode_token_idx.numel():
+        idx = meta.decode_token_idx
+        dk, dv = cache.gather(layer, meta.decode_block_tables)  # [B, L, Hk, D]
+        o = F.scaled_dot_product_attention(
+            q[idx].unsqueeze(2),  # [B, Hq, 1, D]
+            dk.transpose(1, 2),
+            dv.transpose(1, 2),
+            attn_mask=meta.decode_mask,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[idx] = o.squeeze(2)
+    return out

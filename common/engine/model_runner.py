@@ -22,7 +22,7 @@ class ModelRunner:
     def run(self, batch: list[tuple[Sequence, int]]) -> dict[str, int]:
         """Compute `n` new tokens of each (seq, n); sample for every seq whose tokens are now all
         computed. Returns request id -> sampled token id."""
-        input_ids, positions, meta, last_idx, finishing = self._prepare(batch)
+        input_ids, positions, meta, last_idx, finishing = self.prepare_inputs(batch)
         hidden = self.model(input_ids, positions, self.cache, meta)
         if not finishing:
             return {}
@@ -30,7 +30,7 @@ class ModelRunner:
         tokens = self.sampler.sample(logits, [(s.request_id, s.params) for s in finishing])
         return {s.request_id: t for s, t in zip(finishing, tokens, strict=True)}
 
-    def _prepare(self, batch: list[tuple[Sequence, int]]):  # noqa: ANN202 - internal tuple
+    def prepare_inputs(self, batch: list[tuple[Sequence, int]]):  # noqa: ANN202 - internal tuple
         bs = self.cache.block_size
         ids: list[int] = []
         pos: list[int] = []

@@ -63,6 +63,8 @@ class Scheduler:
         for seq in decodes:
             if budget == 0:
                 break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted to make room for an earlier arrival
             if not self._reserve_append(seq, batch):
                 continue
             batch.seqs.append((seq, 1))

@@ -1,0 +1,110 @@
+import pytest
+
+from common.engine.sampling import SamplingParams
+from common.engine.sequence import Sequence
+from common.kv.block_manager import BlockManager
+
+
+def seq(rid: str, tokens: list[int]) -> Sequence:
+    return Sequence(rid, tokens, SamplingParams())
+
+
+def computed(bm: BlockManager, s: Sequence) -> Sequence:
+    s.num_computed_tokens = len(s)
+    bm.commit(s)
+    return s
+
+
+def test_allocate_and_free_returns_every_block():
+    bm = BlockManager(8, 4)
+    a = seq("a", list(range(10)))
+    assert bm.can_allocate(a)
+    bm.allocate(a)
+    assert len(a.block_table) == 3 and bm.num_free_blocks == 5
+    bm.free(a)
+    assert bm.leaks() == [] and bm.num_free_blocks == 8
+    bm.check_consistency()
+
+
+def test_prefix_hit_shares_blocks_and_leaves_one_token_to_compute():
+    bm2 = BlockManager(16, 4)
+    a = seq("a", list(range(12)))
+    bm2.allocate(a)
+    computed(bm2, a)
+    assert bm2.num_cached_blocks == 3
+    b = seq("b", list(range(12)))
+    bm2.allocate(b)
+    # 12 tokens = 3 full blocks, but the last must be recomputed to produce logits
+    assert b.block_table[:2] == a.block_table[:2]
+    assert b.block_table[2] != a.block_table[2]
+    assert b.num_computed_tokens == 8 and b.num_cached_tokens == 8
+    assert bm2.blocks[a.block_table[0]].ref_count == 2
+    bm2.free(a)
+    bm2.free(b)
+    assert bm2.leaks() == []
+    bm2.check_consistency()
+
+
+def test_hit_is_confirmed_against_token_ids():
+    bm = BlockManager(8, 4)
+    a = seq("a", [1, 2, 3, 4, 5])
+    bm.allocate(a)
+    computed(bm, a)
+    bid = a.block_table[0]
+    bm.blocks[bid].token_ids = (9, 9, 9, 9)  # simulate a hash collision
+    assert bm.match_prefix([1, 2, 3, 4, 5]) == []
+    bm.free(a)
+
+
+def test_lru_eviction_prefers_uncached_then_oldest_and_logs_events():
+    bm = BlockManager(4, 2)
+    a = seq("a", [1, 2, 3, 4, 5])  # 2 full blocks cached + 1 partial
+    bm.allocate(a)
+    computed(bm, a)
+    bm.free(a)
+    assert bm.num_cached_blocks == 2 and bm.num_free_blocks == 4
+    stored = [e for e in bm.events.since(0) if e.kind == "stored"]
+    assert len(stored) == 2 and stored[1].parent_hash == stored[0].block_hash
+    # 2 uncached blocks are free: a 4-token request takes them without evicting
+    b = seq("b", [7, 8, 9, 10])
+    bm.allocate(b)
+    assert bm.num_cached_blocks == 2
+    # the next allocation must evict; the tail block of `a` (freed first) goes first
+    c = seq("c", [11, 12])
+    bm.allocate(c)
+    removed = [e for e in bm.events.since(0) if e.kind == "removed"]
+    assert [e.block_hash for e in removed] == [stored[1].block_hash]
+    assert [e.seq for e in bm.events.since(0)] == list(range(1, bm.events.last_seq + 1))
+    for s in (b, c):
+        bm.free(s)
+    bm.check_consistency()
+    assert bm.leaks() == []
+
+
+def test_can_allocate_counts_shared_blocks_in_use():
+    bm = BlockManager(4, 2)
+    a = seq("a", [1, 2, 3, 4, 5])
+    bm.allocate(a)  # 3 blocks
+    computed(bm, a)
+    b = seq("b", [1, 2, 3, 4, 6])  # shares 2 blocks in use, needs 1 new; 1 free
+    assert bm.can_allocate(b)
+    bm.allocate(b)
+    assert not bm.can_allocate(seq("c", [50, 51, 52]))
+    bm.free(a)
+    bm.free(b)
+    assert bm.leaks() == []
+
+
+def test_double_free_is_an_error():
+    bm = BlockManager(4, 2)
+    ids = bm.allocate_blocks(2)
+    bm.free_blocks(ids)
+    with pytest.raises(RuntimeError, match="double free"):
+        bm.free_blocks(ids)
+
+
+def test_allocate_blocks_beyond_capacity_raises():
+    bm = BlockManager(2, 2)
+    with pytest.raises(MemoryError):
+        bm.allocate_blocks(3)
+    assert bm.leaks() == []

@@ -3,6 +3,7 @@ or a Hugging Face safetensors directory. torch-free, so the gateway can resolve 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,3 +61,15 @@ def resolve_model(path: str | Path | None) -> ModelSource:
             "safetensors directory"
         )
     return ModelSource("gguf", p)
+
+
+@functools.lru_cache(maxsize=2)
+def open_gguf(path: Path):  # noqa: ANN201 - gguf.GGUFReader; gguf is imported lazily
+    """Parse a GGUF file once per process: the tokenizer and the weights loader share the reader
+    (parsing the 49k-entry vocabulary alone takes seconds)."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # a truncated or corrupt file surfaces as many exception types
+        raise ModelLoadError(f"cannot read GGUF file {str(path)!r}: {e}") from e

@@ -17,7 +17,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from common.errors import InvalidRequestError, ModelLoadError
-from common.model_source import ModelSource
+from common.model_source import ModelSource, open_gguf
 
 # GPT-2's split pattern; llama.cpp's "smollm"/"gpt2" pre-types use it (smollm also splits digits).
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -61,9 +61,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: Path) -> Tokenizer:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(path)
+        reader = open_gguf(path)
 
         def field(key: str, default: Any = None) -> Any:
             f = reader.fields.get(key)

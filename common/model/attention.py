@@ -45,7 +45,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hk, D] for the new tokens. Returns [T, Hq, D]."""
     cache.write(layer, meta.slot_blocks, meta.slot_offsets, k, v)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if meta.prefills else q
     for chunk in meta.prefills:
         sl = slice(chunk.start, chunk.start + chunk.num_new)
         if chunk.context_len == chunk.num_new:
@@ -68,14 +68,17 @@ def paged_attention(
         ).transpose(0, 1)
     if meta.decode_token_idx.numel():
         idx = meta.decode_token_idx
+        only_decodes = not meta.prefills  # then idx is 0..T-1: skip the gather and scatter
         dk, dv = cache.gather(layer, meta.decode_block_tables)  # [B, L, Hk, D]
         o = F.scaled_dot_product_attention(
-            q[idx].unsqueeze(2),  # [B, Hq, 1, D]
+            (q if only_decodes else q[idx]).unsqueeze(2),  # [B, Hq, 1, D]
             dk.transpose(1, 2),
             dv.transpose(1, 2),
             attn_mask=meta.decode_mask,
             scale=scale,
             enable_gqa=True,
-        )
-        out[idx] = o.squeeze(2)
+        ).squeeze(2)
+        if only_decodes:
+            return o
+        out[idx] = o
     return out

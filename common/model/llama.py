@@ -15,7 +15,7 @@ from torch import nn
 from common.kv.cache import KVCache
 from common.model.attention import AttentionMetadata, paged_attention
 from common.model.config import ModelConfig
-from common.model.rope import RotaryEmbedding
+from common.model.rope import RotaryEmbedding, apply_rotary
 
 
 class RMSNorm(nn.Module):
@@ -25,8 +25,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype) * self.weight
 
 
 class Attention(nn.Module):
@@ -42,14 +41,14 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = rope(positions, q.view(t, self.nq, self.hd), k.view(t, self.nkv, self.hd))
+        q = apply_rotary(q.view(t, self.nq, self.hd), *rope)
+        k = apply_rotary(k.view(t, self.nkv, self.hd), *rope)
         o = paged_attention(q, k, v.view(t, self.nkv, self.hd), self.layer, cache, meta, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
@@ -74,8 +73,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, rope, cache, meta):  # noqa: ANN001 - hot path, types as in Attention
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, meta)
+    def forward(self, x, rope, cache, meta):  # noqa: ANN001 - hot path, types as in Attention
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -104,8 +103,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [T, hidden] of the T new tokens; K/V are written into `cache`."""
         x = self.embed_tokens(input_ids)
+        rope = self.rope.cos_sin(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, positions, self.rope, cache, meta)
+            x = layer(x, rope, cache, meta)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

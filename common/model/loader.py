@@ -12,7 +12,8 @@ from rich.progress import Progress
 from common.errors import ModelLoadError
 from common.model.config import ModelConfig
 from common.model.llama import LlamaForCausalLM
-from common.model_source import ModelSource
+from common.model.rope import RotaryEmbedding
+from common.model_source import ModelSource, open_gguf
 
 _GGUF_LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -39,8 +40,7 @@ def load_model(
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device=device).to(dtype)
-    model.rope.__init__(cfg)  # buffers do not survive the meta device; rebuild them for real
-    model.rope.to(device)
+    model.rope = RotaryEmbedding(cfg).to(device)  # computed buffers: build them for real, off meta
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"loading {source.model_id}", total=count)
 
@@ -90,12 +90,9 @@ def _field(reader, key: str, default: object = None) -> object:  # noqa: ANN001
 
 
 def _gguf(source: ModelSource) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]], int]:
-    from gguf import GGUFReader, dequantize
+    from gguf import dequantize
 
-    try:
-        reader = GGUFReader(source.path)
-    except Exception as e:  # a truncated or corrupt file surfaces as many exception types
-        raise ModelLoadError(f"cannot read GGUF file {str(source.path)!r}: {e}") from e
+    reader = open_gguf(source.path)
     cfg = gguf_model_config(reader)
     # llama.cpp's converter interleaves the rotary halves of Q and K for Llama; undo it so one
     # rotate_half RoPE serves GGUF and safetensors alike.

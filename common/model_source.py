@@ -44,8 +44,7 @@ def resolve_model(path: str | Path | None) -> ModelSource:
     p = default_model_path() if path in (None, "", "default") else Path(path).expanduser()
     if not p.exists():
         raise ModelLoadError(
-            f"model path {str(p)!r} does not exist; give a .gguf file or a directory with "
-            "config.json and *.safetensors"
+            f"model path {str(p)!r} does not exist; give a .gguf file or a directory with config.json and *.safetensors"
         )
     if p.is_dir():
         if not (p / "config.json").is_file() or not any(p.glob("*.safetensors")):
@@ -57,8 +56,7 @@ def resolve_model(path: str | Path | None) -> ModelSource:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise ModelLoadError(
-            f"model file {str(p)!r} is not GGUF (magic {magic!r}); give a .gguf file or a "
-            "safetensors directory"
+            f"model file {str(p)!r} is not GGUF (magic {magic!r}); give a .gguf file or a safetensors directory"
         )
     return ModelSource("gguf", p)
 

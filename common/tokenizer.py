@@ -46,9 +46,7 @@ class Tokenizer:
     ) -> None:
         self._tok = tok
         self._template_src = chat_template
-        self._template = (
-            _jinja_env().from_string(chat_template) if chat_template else None
-        )
+        self._template = _jinja_env().from_string(chat_template) if chat_template else None
         self.eos_token_ids = tuple(eos_token_ids)
         self.bos_token = bos_token
         self.add_bos = add_bos
@@ -83,8 +81,11 @@ class Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens(
-            [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types, strict=True)
-             if ty in (_CONTROL, _USER_DEFINED)]
+            [
+                AddedToken(t, special=True, normalized=False)
+                for t, ty in zip(tokens, types, strict=True)
+                if ty in (_CONTROL, _USER_DEFINED)
+            ]
         )
         eos = field("tokenizer.ggml.eos_token_id")
         eot = field("tokenizer.ggml.eot_token_id")

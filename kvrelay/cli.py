@@ -47,7 +47,7 @@ def chat(
                 out_ids += out.new_token_ids
                 text = engine.tokenizer.decode(out_ids)
                 if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    typer.echo(text[len(printed):], nl=False)
+                    typer.echo(text[len(printed) :], nl=False)
                     printed = text
         finally:
             runner.shutdown()

@@ -29,9 +29,7 @@ _IDLE_WAIT_S = 0.05
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._commands: queue.SimpleQueue[tuple[Callable[[], object], concurrent.futures.Future]] = (
-            queue.SimpleQueue()
-        )
+        self._commands: queue.SimpleQueue[tuple[Callable[[], object], concurrent.futures.Future]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kvrelay-engine", daemon=True)

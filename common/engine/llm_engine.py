@@ -11,7 +11,7 @@ from common.engine.model_runner import ModelRunner
 from common.engine.outputs import KVExport, RequestOutput
 from common.engine.sampling import SamplingParams
 from common.engine.scheduler import Scheduler
-from common.engine.sequence import Sequence, SeqStatus
+from common.engine.sequence import SeqStatus, Sequence
 from common.errors import InvalidRequestError, UnknownRequestError
 from common.kv.block_manager import BlockManager
 from common.kv.cache import KVCache
@@ -260,4 +260,3 @@ class LLMEngine:
         if seq.block_table:
             self.blocks.free(seq)
         self.runner.sampler.forget(seq.request_id)
-

@@ -76,9 +76,7 @@ class ModelRunner:
                 [t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=dev
             )
             lens = torch.tensor(decode_lens, device=dev)
-            meta.decode_mask = (torch.arange(width * bs, device=dev).unsqueeze(0) < lens.unsqueeze(1))[
-                :, None, None, :
-            ]
+            meta.decode_mask = (torch.arange(width * bs, device=dev).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
         return (
             torch.tensor(ids, dtype=torch.long, device=dev),
             torch.tensor(pos, dtype=torch.long, device=dev),

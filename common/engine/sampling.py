@@ -54,9 +54,7 @@ class SamplingParams:
 
     def validate(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise InvalidRequestError(
-                f"max_tokens must be a positive integer, got {self.max_tokens!r}", "max_tokens"
-            )
+            raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}", "max_tokens")
         if not isinstance(self.temperature, int | float) or self.temperature < 0:
             raise InvalidRequestError(
                 f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}", "temperature"
@@ -82,9 +80,7 @@ def _normalize_stop(stop: object) -> tuple[str, ...]:
     elif isinstance(stop, list | tuple):
         stops = tuple(stop)
     else:
-        raise InvalidRequestError(
-            f"stop must be a string or a list of strings, got {type(stop).__name__}", "stop"
-        )
+        raise InvalidRequestError(f"stop must be a string or a list of strings, got {type(stop).__name__}", "stop")
     for s in stops:
         if not isinstance(s, str) or not s:
             raise InvalidRequestError(f"stop entries must be non-empty strings, got {s!r}", "stop")

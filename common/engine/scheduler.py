@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from common.engine.sequence import Sequence, SeqStatus
+from common.engine.sequence import SeqStatus, Sequence
 from common.kv.block_manager import BlockManager
 
 

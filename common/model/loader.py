@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from rich.progress import Progress
 
@@ -100,7 +99,9 @@ def _gguf(source: ModelSource) -> tuple[ModelConfig, Iterator[tuple[str, torch.T
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for t in reader.tensors:
-            array = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # copy: GGUF maps read-only
+            array = dequantize(t.data, t.tensor_type)
+            if not array.flags.writeable:  # unquantized tensors are views of the read-only mapping
+                array = array.copy()
             tensor = torch.from_numpy(array)
             parts = t.name.split(".")
             if parts[0] == "blk":

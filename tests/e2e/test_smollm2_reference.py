@@ -53,15 +53,23 @@ def test_prompt_lengths_cover_20_to_400_tokens(engine):
 
 def test_tokenizer_matches_transformers(engine, hf):
     tok, _ = hf
-    texts = [*QUESTIONS, "  leading spaces", "numbers 1234567 and 3.14159", "émigré naïve café 東京 🙂",
-             "<|im_start|>user\nhi<|im_end|>", "tabs\tand\nnewlines\n\n", "don't won't it's"]
+    texts = [
+        *QUESTIONS,
+        "  leading spaces",
+        "numbers 1234567 and 3.14159",
+        "émigré naïve café 東京 🙂",
+        "<|im_start|>user\nhi<|im_end|>",
+        "tabs\tand\nnewlines\n\n",
+        "don't won't it's",
+    ]
     for t in texts:
         assert engine.tokenizer.encode(t) == tok.encode(t, add_special_tokens=False), t
         ids = engine.tokenizer.encode(t)
         assert engine.tokenizer.decode(ids, skip_special_tokens=False) == tok.decode(ids), t
     msgs = [{"role": "user", "content": QUESTIONS[0]}]
-    assert engine.tokenizer.encode_chat(msgs) == list(tok.apply_chat_template(msgs, add_generation_prompt=True,
-                                                                              tokenize=True, return_dict=False))
+    assert engine.tokenizer.encode_chat(msgs) == list(
+        tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    )
 
 
 def test_logits_match_transformers(engine, hf):
@@ -92,7 +100,7 @@ def test_greedy_tokens_match_transformers_generate(engine, hf):
     for i, ids in enumerate(prompts):
         with torch.inference_mode():
             ref = model.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False)
-        assert tokens_of(outs[f"q{i}"]) == ref[0, len(ids):].tolist(), QUESTIONS[i][:40]
+        assert tokens_of(outs[f"q{i}"]) == ref[0, len(ids) :].tolist(), QUESTIONS[i][:40]
     assert_no_leaks(engine)
 
 

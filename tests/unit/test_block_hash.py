@@ -20,8 +20,14 @@ def test_hash_is_stable_across_processes():
     """Python's hash() is salted per process; ours must not be."""
     code = "from common.kv.block_hash import block_hashes; print(block_hashes(list(range(40)), 16))"
     runs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={"PYTHONHASHSEED": str(seed)}, cwd=".").stdout
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": str(seed)},
+            cwd=".",
+        ).stdout
         for seed in (1, 2)
     }
     assert len(runs) == 1

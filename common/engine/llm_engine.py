@@ -111,6 +111,11 @@ class LLMEngine:
             request_id, list(seq.block_table), len(seq.prompt_token_ids), self.layout, seq.lease_deadline or 0.0
         )
 
+    def extend_lease(self, request_id: str) -> KVExport:
+        """A pull is starting: keep the blocks pinned for another full lease, and say which they are."""
+        self._pinned(request_id).lease_deadline = time.monotonic() + self.config.lease_seconds
+        return self.export_kv(request_id)
+
     def release(self, request_id: str) -> bool:
         """Free a pinned request's blocks (the decode side has them). False if unknown or gone."""
         seq = self.seqs.get(request_id)

@@ -10,6 +10,7 @@ from rich.progress import Progress
 
 from common.errors import ModelLoadError
 from common.model.config import ModelConfig
+from common.model.gguf_meta import gguf_field, gguf_model_config
 from common.model.llama import LlamaForCausalLM
 from common.model.rope import RotaryEmbedding
 from common.model_source import ModelSource, open_gguf
@@ -26,7 +27,6 @@ _GGUF_LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _GGUF_TOP_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
-_SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
 
 
 def load_model(
@@ -52,42 +52,6 @@ def load_model(
     return model.eval()
 
 
-def gguf_model_config(reader) -> ModelConfig:  # noqa: ANN001 - gguf.GGUFReader
-    arch = _field(reader, "general.architecture")
-    if arch not in _SUPPORTED_ARCHS:
-        raise ModelLoadError(f"GGUF architecture {arch!r} is not supported; supported: {_SUPPORTED_ARCHS}")
-
-    def meta(key: str, default: object = None) -> object:
-        return _field(reader, f"{arch}.{key}", default)
-
-    heads = int(meta("attention.head_count"))
-    hidden = int(meta("embedding_length"))
-    names = {t.name for t in reader.tensors}
-    vocab = meta("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    return ModelConfig(
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        intermediate_size=int(meta("feed_forward_length")),
-        num_layers=int(meta("block_count")),
-        num_heads=heads,
-        num_kv_heads=int(meta("attention.head_count_kv", heads)),
-        head_dim=int(meta("attention.key_length", hidden // heads)),
-        rope_theta=float(meta("rope.freq_base", 10000.0)),
-        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
-        max_position=int(meta("context_length", 2048)),
-        tie_word_embeddings="output.weight" not in names,
-        qkv_bias="blk.0.attn_q.bias" in names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_ids=(int(eos),) if eos is not None else (),
-    )
-
-
-def _field(reader, key: str, default: object = None) -> object:  # noqa: ANN001
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
-
-
 def _gguf(source: ModelSource) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]], int]:
     from gguf import dequantize
 
@@ -95,7 +59,7 @@ def _gguf(source: ModelSource) -> tuple[ModelConfig, Iterator[tuple[str, torch.T
     cfg = gguf_model_config(reader)
     # llama.cpp's converter interleaves the rotary halves of Q and K for Llama; undo it so one
     # rotate_half RoPE serves GGUF and safetensors alike.
-    unpermute = _field(reader, "general.architecture") == "llama"
+    unpermute = gguf_field(reader, "general.architecture") == "llama"
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for t in reader.tensors:

@@ -1,0 +1,68 @@
+"""Start a worker process: engine, gRPC server with the role's services, metrics, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import uuid
+from collections.abc import Callable
+
+import grpc
+
+from common.engine.async_engine import AsyncEngine
+from common.engine.factory import build_engine
+from common.rpc import worker_pb2_grpc
+from common.rpc.channels import CHANNEL_OPTIONS
+from common.serving.grpc_errors import ErrorInterceptor
+from common.serving.metrics import serve_metrics
+from common.serving.worker_servicer import WorkerIdentity, WorkerServicer
+from common.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+AddServices = Callable[[grpc.aio.Server, AsyncEngine, WorkerIdentity], object]
+
+
+async def run_worker(settings: WorkerSettings, add_services: AddServices, backends: tuple[str, ...]) -> None:
+    engine = build_engine(settings.engine)
+    runner = AsyncEngine(engine)
+    identity = WorkerIdentity(
+        worker_id=settings.worker_id or f"{settings.role}-{uuid.uuid4().hex[:8]}",
+        role=settings.role,
+        address=settings.address,
+        transfer_backends=backends,
+    )
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(runner, identity), server)
+    extra = add_services(server, runner, identity)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.host}:{settings.port}")
+    metrics_port = settings.metrics_port if settings.metrics_port is not None else settings.port + 1000
+    serve_metrics(engine, settings.role, settings.host, metrics_port)
+    await server.start()
+    log.info(
+        "%s worker %s serving %s on %s:%d (metrics :%d, transfer %s)",
+        settings.role,
+        identity.worker_id,
+        engine.layout.model_id,
+        settings.host,
+        port,
+        metrics_port,
+        backends,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("%s worker %s stopping: finishing in-flight requests", settings.role, identity.worker_id)
+    await server.stop(grace=10.0)
+    close = getattr(extra, "close", None)
+    if close is not None:
+        result = close()
+        if inspect.isawaitable(result):
+            await result
+    runner.shutdown()

@@ -1,0 +1,87 @@
+"""One typed settings object per role, filled from (highest first) command-line flags, KVRELAY_*
+environment variables (nested with __, e.g. KVRELAY_ENGINE__THREADS=2) and a YAML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from common.config import EngineConfig
+
+S = TypeVar("S", bound=BaseSettings)
+Transfer = Literal["grpc", "nixl"]
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KVRELAY_", env_nested_delimiter="__", extra="forbid")
+
+    role: Literal["prefill", "decode"] = "decode"
+    host: str = "127.0.0.1"
+    port: int = Field(50061, ge=0, le=65535)
+    advertise_host: str | None = Field(None, description="address other services use to reach this worker")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="default: port + 1000")
+    worker_id: str | None = None
+    transfer: Transfer = Field("grpc", description="decode: how KV is pulled from prefill workers")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @property
+    def address(self) -> str:
+        return f"{self.advertise_host or self.host}:{self.port}"
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KVRELAY_", env_nested_delimiter="__", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    model: str | None = Field(None, description="model path, for the tokenizer and chat template")
+    served_model_name: str | None = Field(None, description="name clients use; default: the model file's stem")
+    prefill: list[str] = Field(default_factory=list, description="prefill worker addresses host:port")
+    decode: list[str] = Field(default_factory=list, description="decode worker addresses host:port")
+    transfer: Transfer = "grpc"
+    max_model_len: int | None = Field(None, gt=0, description="context window; default: the model's, at most 8192")
+    default_max_tokens: int = Field(512, gt=0, description="when a request sets none")
+    max_tokens_limit: int = Field(4096, gt=0, description="largest max_tokens a request may ask for")
+    request_timeout_s: float = Field(600.0, gt=0)
+    prefill_timeout_s: float = Field(120.0, gt=0)
+    health_interval_s: float = Field(1.0, gt=0)
+
+
+def load_settings(cls: type[S], config_file: str | Path | None = None, **overrides: Any) -> S:
+    """Build `cls` from flags (overrides; None means 'not given'), environment and YAML."""
+    if config_file is not None and not Path(config_file).is_file():
+        raise FileNotFoundError(f"settings file {str(config_file)!r} does not exist")
+    yaml_file = config_file
+
+    class _Layered(cls):  # type: ignore[valid-type, misc]
+        @classmethod
+        def settings_customise_sources(
+            cls_,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+            if yaml_file is not None:
+                sources += (YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file),)
+            return sources
+
+    layered = _Layered(**_drop_none(overrides))
+    return cls.model_validate(layered.model_dump())
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = _drop_none(v)
+            if v:
+                out[k] = v
+        elif v is not None:
+            out[k] = v
+    return out

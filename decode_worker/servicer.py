@@ -1,0 +1,112 @@
+"""The decode role: pull a prefilled request's KV, release it on the prefill side, decode it in the
+running batch and stream the tokens. `Generate` prefills locally instead (colocated mode)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from common.engine.async_engine import AsyncEngine
+from common.engine.outputs import RequestOutput
+from common.errors import KVRelayError
+from common.rpc import decode_pb2, decode_pb2_grpc, types_pb2
+from common.rpc.channels import ChannelPool
+from common.rpc.convert import layout_from_proto, params_from_proto
+from common.serving.metrics import REQUESTS, TRANSFER_BYTES, TRANSFER_FAILURES, TRANSFER_SECONDS, TTFT
+from kvtransfer.base import KVTransferClient, release
+
+log = logging.getLogger(__name__)
+
+
+class LeaseExpiredError(KVRelayError):
+    """The prefill side had already freed the blocks when we released them: what we read may be stale."""
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        transfers: dict[str, KVTransferClient],
+        default_transfer: str,
+        channels: ChannelPool,
+        transfer_timeout_s: float = 30.0,
+    ) -> None:
+        self.engine = engine
+        self.transfers = transfers
+        self.default_transfer = default_transfer
+        self.channels = channels
+        self.transfer_timeout_s = transfer_timeout_s
+
+    async def Decode(  # noqa: N802
+        self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[decode_pb2.TokenChunk]:
+        handle = request.handle
+        self.engine.engine.layout.check_compatible(layout_from_proto(handle.layout))
+        kind = request.transfer or self.default_transfer
+        client = self.transfers.get(kind)
+        if client is None:
+            raise KVRelayError(f"transfer backend {kind!r} is not available here; have {sorted(self.transfers)}")
+        params = params_from_proto(request.params)
+        rid = request.request_id
+        dst = await self.engine.begin_import(rid, list(request.prompt_token_ids), request.first_token, params)
+        try:
+            result = await client.pull(handle, dst, timeout=self.transfer_timeout_s)
+            if not await release(self.channels, handle):
+                raise LeaseExpiredError(
+                    f"the KV lease of {rid!r} expired on {handle.worker_id} before the pull finished; retry"
+                )
+        except BaseException:
+            TRANSFER_FAILURES.labels(kind).inc()
+            await self.engine.abort(rid)
+            try:
+                await release(self.channels, handle, timeout=1.0)
+            except Exception:  # best effort: the lease frees the blocks anyway
+                log.debug("release after a failed pull of %s failed too", rid)
+            raise
+        TRANSFER_BYTES.labels(kind).inc(result.bytes)
+        TRANSFER_SECONDS.labels(kind).observe(result.seconds)
+        stats = decode_pb2.TransferStats(
+            backend=result.backend, blocks=result.blocks, bytes=result.bytes, seconds=result.seconds
+        )
+        first = True
+        async for out in self.engine.decode_imported(rid):
+            chunk = _chunk(out)
+            if first:
+                chunk.transfer.CopyFrom(stats)
+                first = False
+            yield chunk
+        REQUESTS.labels("decode", "Decode", "ok").inc()
+
+    async def Generate(  # noqa: N802
+        self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[decode_pb2.TokenChunk]:
+        params = params_from_proto(request.params)
+        t0 = time.perf_counter()
+        first = True
+        async for out in self.engine.generate(request.request_id, list(request.token_ids), params):
+            if first:
+                TTFT.labels("decode").observe(time.perf_counter() - t0)
+                first = False
+            yield _chunk(out)
+        REQUESTS.labels("decode", "Generate", "ok").inc()
+
+
+def _chunk(out: RequestOutput) -> decode_pb2.TokenChunk:
+    if out.error:
+        raise RuntimeError(out.error)
+    chunk = decode_pb2.TokenChunk(
+        token_ids=out.new_token_ids, finished=out.finished, finish_reason=out.finish_reason or ""
+    )
+    if out.finished:
+        chunk.usage.CopyFrom(
+            types_pb2.Usage(
+                prompt_tokens=out.num_prompt_tokens,
+                completion_tokens=out.num_output_tokens,
+                cached_tokens=out.num_cached_tokens,
+            )
+        )
+        chunk.text = out.text or ""
+    return chunk

@@ -1,0 +1,106 @@
+"""The FastAPI application: OpenAI routes, health and readiness, metrics."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from common.model.gguf_meta import context_length
+from common.model_source import resolve_model
+from common.rpc.channels import ChannelPool
+from common.settings import GatewaySettings
+from common.tokenizer import Tokenizer
+from gateway.errors import APIError, api_error_handler
+from gateway.metrics import REQUESTS, WORKERS_UP
+from gateway.orchestrator import Orchestrator
+from gateway.prepare import Preparer, parse_body
+from gateway.registry import StaticRegistry
+from gateway.responses import Responder, Shape
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    source = resolve_model(settings.model)
+    tokenizer = Tokenizer.from_source(source)
+    model_name = settings.served_model_name or source.model_id
+    max_model_len = settings.max_model_len or min(context_length(source), 8192)
+    channels = ChannelPool()
+    registry = StaticRegistry(channels, settings.prefill, settings.decode, settings.health_interval_s)
+    orchestrator = Orchestrator(registry, channels, settings)
+    preparer = Preparer(tokenizer, {model_name, source.model_id}, max_model_len, settings)
+    responder = Responder(orchestrator, tokenizer, model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        await registry.start()
+        yield
+        await registry.stop()
+        await channels.close()
+
+    app = FastAPI(title="kvrelay gateway", lifespan=lifespan)
+    app.add_exception_handler(APIError, api_error_handler)
+    app.state.registry = registry
+    app.state.settings = settings
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):  # noqa: ANN001, ANN202
+        response = await call_next(request)
+        route = request.scope.get("route")
+        REQUESTS.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        body = await parse_body(request, ChatCompletionRequest)
+        return await responder.respond(Shape("chat"), f"chatcmpl-{uuid.uuid4().hex}", preparer.chat(body))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await parse_body(request, CompletionRequest)
+        return await responder.respond(Shape("text"), f"cmpl-{uuid.uuid4().hex}", preparer.completion(body))
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_name,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "kvrelay",
+                    "max_model_len": max_model_len,
+                }
+            ],
+        }
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        pools = {role: registry.healthy(role) for role in ("prefill", "decode")}
+        detail = {
+            role: {
+                "healthy": [w.worker_id for w in pools[role]],
+                "down": {w.address: w.error for w in registry.workers.values() if w.role == role and not w.healthy},
+            }
+            for role in pools
+        }
+        ok = bool(pools["decode"])  # a decode worker can prefill locally, so it alone can serve
+        mode = "disaggregated" if pools["prefill"] and ok else ("colocated" if ok else "unavailable")
+        return JSONResponse({"ready": ok, "mode": mode, "workers": detail}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        for role in ("prefill", "decode"):
+            WORKERS_UP.labels(role).set(len(registry.healthy(role)))
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,50 @@
+"""OpenAI-style errors: {"error": {"message", "type", "param", "code"}} with a fitting status."""
+
+from __future__ import annotations
+
+import grpc
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+# gRPC status from a worker -> (HTTP status, OpenAI error type, code)
+_GRPC_TO_HTTP = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", None),
+    grpc.StatusCode.NOT_FOUND: (502, "server_error", "kv_not_found"),
+    grpc.StatusCode.FAILED_PRECONDITION: (502, "server_error", "worker_incompatible"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (503, "server_error", "overloaded"),
+    grpc.StatusCode.UNAVAILABLE: (503, "server_error", "worker_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error", "timeout"),
+}
+
+
+def from_grpc(err: grpc.aio.AioRpcError, worker: str) -> APIError:
+    status, type_, code = _GRPC_TO_HTTP.get(err.code(), (502, "server_error", "worker_error"))
+    param = dict(err.trailing_metadata() or ()).get("kvrelay-param") if status == 400 else None
+    details = err.details() or err.code().name
+    message = details if status == 400 else f"worker {worker}: {details}"
+    return APIError(status, message, type_, param, code)
+
+
+async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)

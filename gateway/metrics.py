@@ -1,0 +1,21 @@
+"""The gateway's Prometheus metrics (served at /metrics on its HTTP port)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
+
+REQUESTS = Counter("kvrelay_gateway_requests_total", "HTTP requests by route and status", ["route", "status"])
+TTFT = Histogram("kvrelay_gateway_time_to_first_token_seconds", "Arrival to first token", ["mode"], buckets=_BUCKETS)
+TPOT = Histogram(
+    "kvrelay_gateway_time_per_output_token_seconds",
+    "Mean gap between output tokens of a request",
+    ["mode"],
+    buckets=_TPOT_BUCKETS,
+)
+E2E = Histogram("kvrelay_gateway_request_duration_seconds", "Arrival to last token", ["mode"], buckets=_BUCKETS)
+RUNNING = Gauge("kvrelay_gateway_requests_running", "Requests being served")
+WORKERS_UP = Gauge("kvrelay_gateway_workers_up", "Workers answering health checks", ["role"])
+ROUTED = Counter("kvrelay_gateway_routed_total", "Requests by serving mode", ["mode"])

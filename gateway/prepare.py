@@ -1,0 +1,140 @@
+"""From a raw HTTP body to (prompt token ids, SamplingParams), or an APIError naming the field.
+Everything a worker would reject is rejected here first, so bad input never reaches a worker."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from common.engine.sampling import SamplingParams
+from common.errors import InvalidRequestError
+from common.tokenizer import Tokenizer
+from gateway.errors import APIError, bad_request
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass
+class Prepared:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    ctype = request.headers.get("content-type", "")
+    if "application/json" not in ctype:
+        raise APIError(
+            415, f"Content-Type must be application/json, got {ctype or 'nothing'!r}", code="unsupported_media_type"
+        )
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"the body is not valid JSON: {e}", code="invalid_json") from e
+    if not isinstance(data, dict):
+        raise bad_request("the body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise bad_request(f"{param}: {err['msg']}" if param else err["msg"], param) from e
+
+
+class Preparer:
+    def __init__(self, tokenizer: Tokenizer, model_names: set[str], max_model_len: int, settings) -> None:  # noqa: ANN001
+        self.tokenizer = tokenizer
+        self.model_names = model_names
+        self.max_model_len = max_model_len
+        self.settings = settings
+
+    def chat(self, body: ChatCompletionRequest) -> Prepared:
+        self._common(body)
+        if body.tools:
+            raise bad_request("tools are not supported by this server", "tools")
+        try:
+            ids = self.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+        except InvalidRequestError as e:
+            raise bad_request(str(e), "messages") from e
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        return self._finish(body, ids, max_tokens, "messages", param)
+
+    def completion(self, body: CompletionRequest) -> Prepared:
+        self._common(body)
+        if body.echo:
+            raise bad_request("echo is not supported by this server", "echo")
+        if body.suffix:
+            raise bad_request("suffix is not supported by this server", "suffix")
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            if len(prompt) != 1:
+                raise bad_request("only one prompt per request is supported", "prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            if any(not 0 <= t < self.tokenizer.vocab_size for t in ids):
+                raise bad_request(f"prompt token ids must be in [0, {self.tokenizer.vocab_size})", "prompt")
+        return self._finish(body, ids, body.max_tokens, "prompt", "max_tokens")
+
+    def _common(self, body: ChatCompletionRequest | CompletionRequest) -> None:
+        if body.model not in self.model_names:
+            raise APIError(
+                404,
+                f"model {body.model!r} does not exist; available: {sorted(self.model_names)}",
+                param="model",
+                code="model_not_found",
+            )
+        if body.n != 1:
+            raise bad_request("only n=1 is supported", "n")
+        if body.logprobs:
+            raise bad_request("logprobs are not supported by this server", "logprobs")
+
+    def _finish(self, body, ids: list[int], max_tokens: int | None, prompt_param: str, mt_param: str) -> Prepared:  # noqa: ANN001
+        if not ids:
+            raise bad_request("the prompt is empty", prompt_param)
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise bad_request(
+                f"this model's context window is {self.max_model_len} tokens and the prompt has {len(ids)}; shorten it",
+                prompt_param,
+                "context_length_exceeded",
+            )
+        if max_tokens is None:
+            max_tokens = min(room, self.settings.default_max_tokens)
+        elif max_tokens < 1:
+            raise bad_request(f"{mt_param} must be at least 1, got {max_tokens}", mt_param)
+        elif max_tokens > self.settings.max_tokens_limit:
+            raise bad_request(
+                f"{mt_param} is {max_tokens}; this server allows at most {self.settings.max_tokens_limit}", mt_param
+            )
+        elif max_tokens > room:
+            raise bad_request(
+                f"{mt_param} is {max_tokens} but only {room} tokens are left in the {self.max_model_len}-token "
+                f"context after the {len(ids)}-token prompt",
+                mt_param,
+                "context_length_exceeded",
+            )
+        try:
+            params = SamplingParams.create(
+                max_tokens=max_tokens,
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=body.top_k or 0,
+                seed=body.seed,
+                stop=body.stop,
+                ignore_eos=body.ignore_eos,
+            )
+        except InvalidRequestError as e:
+            raise bad_request(str(e), e.param) from e
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return Prepared(ids, params, body.stream, include_usage)

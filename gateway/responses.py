@@ -1,0 +1,149 @@
+"""Run a prepared request and answer it as OpenAI does: one JSON body, or SSE chunks ending in
+`data: [DONE]`. Chat and text completions differ only in how a chunk and a body are shaped."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from gateway.detokenizer import StreamDetokenizer
+from gateway.metrics import E2E, ROUTED, RUNNING, TPOT, TTFT
+from gateway.orchestrator import Delta, Orchestrator
+from gateway.prepare import Prepared
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str  # "chat" | "text"
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.kind == "chat" else "text_completion"
+
+    def chunk_choice(self, text: str | None, finish: str | None, first: bool) -> dict:
+        if self.kind == "text":
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        delta: dict = {}
+        if first:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    def body_choice(self, text: str, finish: str | None) -> dict:
+        if self.kind == "text":
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
+
+
+def _usage(last: Delta) -> dict:
+    return {
+        "prompt_tokens": last.prompt_tokens,
+        "completion_tokens": last.completion_tokens,
+        "total_tokens": last.prompt_tokens + last.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": last.cached_tokens},
+    }
+
+
+class Responder:
+    def __init__(self, orchestrator: Orchestrator, tokenizer, model_name: str) -> None:  # noqa: ANN001
+        self.orchestrator = orchestrator
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+
+    async def respond(self, shape: Shape, request_id: str, prep: Prepared) -> JSONResponse | StreamingResponse:
+        route = self.orchestrator.route()
+        ROUTED.labels(route.mode).inc()
+        t0 = time.perf_counter()
+        deltas = self._timed(
+            self.orchestrator.generate(request_id, prep.prompt_ids, prep.params, route), route.mode, t0
+        )
+        headers = {"X-Request-Id": request_id, "X-Kvrelay-Mode": route.mode}
+        # Wait for the first token before answering, so that early failures get a proper HTTP status.
+        first = await anext(deltas)
+        if prep.stream:
+            return StreamingResponse(
+                self._sse(shape, request_id, prep, first, deltas), media_type="text/event-stream", headers=headers
+            )
+        ids = list(first.token_ids)
+        last = first
+        async for d in deltas:
+            ids += d.token_ids
+            last = d
+        detok = StreamDetokenizer(self.tokenizer, prep.params.stop)
+        text = detok.push(ids) + detok.finish(last.text)
+        body = {
+            "id": request_id,
+            "object": shape.object,
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [shape.body_choice(text, last.finish_reason)],
+            "usage": _usage(last),
+        }
+        return JSONResponse(body, headers=headers)
+
+    async def _sse(
+        self, shape: Shape, request_id: str, prep: Prepared, first: Delta, rest: AsyncIterator[Delta]
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        detok = StreamDetokenizer(self.tokenizer, prep.params.stop)
+
+        def event(choices: list[dict], usage: dict | None = None) -> str:
+            obj = {
+                "id": request_id,
+                "object": f"{shape.object}.chunk" if shape.kind == "chat" else shape.object,
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+            }
+            if prep.include_usage:
+                obj["usage"] = usage
+            return f"data: {json.dumps(obj)}\n\n"
+
+        if shape.kind == "chat":
+            yield event([shape.chunk_choice("", None, first=True)])
+        last = first
+        async for d in _achain(first, rest):
+            last = d
+            text = detok.push(d.token_ids)
+            if d.finished:
+                text += detok.finish(d.text)
+                yield event([shape.chunk_choice(text, d.finish_reason, first=False)])
+            elif text:
+                yield event([shape.chunk_choice(text, None, first=False)])
+        if prep.include_usage:
+            yield event([], _usage(last))
+        yield "data: [DONE]\n\n"
+
+    async def _timed(self, deltas: AsyncIterator[Delta], mode: str, t0: float) -> AsyncIterator[Delta]:
+        RUNNING.inc()
+        first_at = None
+        n = 0
+        try:
+            async for d in deltas:
+                if first_at is None:
+                    first_at = time.perf_counter()
+                    TTFT.labels(mode).observe(first_at - t0)
+                n += len(d.token_ids)
+                yield d
+            end = time.perf_counter()
+            E2E.labels(mode).observe(end - t0)
+            if first_at is not None and n > 1:
+                TPOT.labels(mode).observe((end - first_at) / (n - 1))
+        finally:
+            RUNNING.dec()
+
+
+async def _achain(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    yield first
+    async for d in rest:
+        yield d

@@ -1,0 +1,187 @@
+"""`kvrelay up`: gateway and workers as separate processes on this machine.
+
+Cores are divided between the prefill and decode pools so that workers never oversubscribe the
+machine. Children die with the launcher (PR_SET_PDEATHSIG), and Ctrl-C / SIGTERM stop them all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class CorePlan:
+    prefill_threads: int
+    decode_threads: int
+    note: str
+
+
+def divide_cores(cores: int, prefill: int, decode: int) -> CorePlan:
+    """Threads per worker. Pools get cores in proportion to their worker counts (at least one each)."""
+    workers = prefill + decode
+    if prefill == 0:
+        t = max(1, cores // decode)
+        return CorePlan(0, t, f"{cores} cores: {decode} decode worker(s) x {t} thread(s)")
+    if cores < workers:
+        return CorePlan(1, 1, f"{cores} cores for {workers} workers: 1 thread each (they share cores)")
+    p_cores = max(prefill, min(cores - decode, round(cores * prefill / workers)))
+    d_cores = cores - p_cores
+    p, d = p_cores // prefill, d_cores // decode
+    return CorePlan(p, d, f"{cores} cores: {prefill} prefill x {p} thread(s), {decode} decode x {d} thread(s)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    if sys.platform == "linux":
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Cluster:
+    """A set of kvrelay processes started together; also what the integration tests use."""
+
+    host: str = "127.0.0.1"
+    procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    log_dir: str | None = None
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        out = open(os.path.join(self.log_dir, f"{name}.log"), "wb") if self.log_dir else None  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvrelay.cli", *args],
+            env={**os.environ, **(env or {})},
+            stdout=out or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT if out else None,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - single-threaded at this point
+        )
+        self.procs.append((name, proc))
+        return proc
+
+    def worker(self, role: str, port: int, threads: int, model: str | None, extra: list[str] | None = None) -> str:
+        args = [role, "--host", self.host, "--port", str(port), "--threads", str(threads), "--log-level", "warning"]
+        if model:
+            args += ["--model", model]
+        self.spawn(f"{role}-{port}", args + (extra or []), {"OMP_NUM_THREADS": str(threads)})
+        return f"{self.host}:{port}"
+
+    def gateway(
+        self,
+        port: int,
+        prefill: list[str],
+        decode: list[str],
+        model: str | None,
+        transfer: str,
+        extra: list[str] | None = None,
+    ) -> str:
+        args = ["gateway", "--host", self.host, "--port", str(port), "--transfer", transfer, "--log-level", "warning"]
+        for a in prefill:
+            args += ["--prefill", a]
+        for a in decode:
+            args += ["--decode", a]
+        if model:
+            args += ["--model", model]
+        self.spawn(f"gateway-{port}", args + (extra or []))
+        return f"http://{self.host}:{port}"
+
+    def wait_ready(self, url: str, timeout: float = 180.0, want_mode: str | None = None) -> dict:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                r = httpx.get(f"{url}/ready", timeout=2.0)
+                last = r.json()
+                if r.status_code == 200 and (want_mode is None or last.get("mode") == want_mode):
+                    return last
+            except httpx.HTTPError as e:
+                last = str(e)
+            time.sleep(0.3)
+        raise TimeoutError(f"{url} not ready after {timeout:.0f}s: {last}")
+
+    def check_alive(self) -> None:
+        for name, p in self.procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {p.returncode}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for _, p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for _, p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+
+
+def up(
+    port: int,
+    prefill: int,
+    decode: int,
+    transfer: str,
+    model: str | None,
+    host: str,
+    base_port: int | None,
+    log_dir: str | None,
+) -> int:
+    plan = divide_cores(os.cpu_count() or 1, prefill, decode)
+    print(f"kvrelay up: {plan.note}", flush=True)
+    cluster = Cluster(host=host, log_dir=log_dir)
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        p_addrs = [
+            cluster.worker("prefill", (base_port or 50051) + i, plan.prefill_threads, model) for i in range(prefill)
+        ]
+        d_addrs = [
+            cluster.worker(
+                "decode", (base_port or 50051) + 10 + i, plan.decode_threads, model, ["--transfer", transfer]
+            )
+            for i in range(decode)
+        ]
+        url = cluster.gateway(port, p_addrs, d_addrs, model, transfer)
+        want = "disaggregated" if prefill else "colocated"
+        deadline = time.monotonic() + 300
+        while not stop:
+            try:
+                cluster.wait_ready(url, timeout=1.0, want_mode=want)
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+        if not stop:
+            print(f"kvrelay is ready at {url}/v1 (mode: {want}; Ctrl-C stops it)", flush=True)
+        while not stop:
+            cluster.check_alive()
+            time.sleep(0.5)
+        return 0
+    except (RuntimeError, TimeoutError) as e:
+        print(f"kvrelay up: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        print("kvrelay up: stopping", flush=True)
+        cluster.stop()

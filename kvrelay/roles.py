@@ -1,0 +1,113 @@
+"""`kvrelay prefill|decode|gateway`: one role per process (what compose, k8s and Ray run)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import typer
+
+from common.settings import GatewaySettings, WorkerSettings, load_settings
+
+CONFIG = typer.Option(None, "--config", help="YAML settings file (flags and KVRELAY_* env override it)")
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _worker(role: str, config: Path | None, **flags: object) -> WorkerSettings:
+    engine = {k: flags.pop(k) for k in ("model", "threads", "kv_cache_mb", "block_size", "max_num_seqs") if k in flags}
+    return load_settings(WorkerSettings, config, role=role, engine=engine, **flags)
+
+
+def _run_worker(settings: WorkerSettings) -> None:
+    if settings.role == "prefill":
+        from prefill_worker.server import serve
+    else:
+        from decode_worker.server import serve
+    asyncio.run(serve(settings))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def prefill(
+        port: int = typer.Option(None, help="gRPC port (default 50051); metrics on port + 1000"),
+        host: str = typer.Option(None, help="listen address (default 127.0.0.1)"),
+        model: str = typer.Option(None, help="GGUF file or safetensors directory"),
+        threads: int = typer.Option(None, help="torch threads for this worker"),
+        kv_cache_mb: int = typer.Option(None, help="KV cache size"),
+        worker_id: str = typer.Option(None),
+        config: Path = CONFIG,
+        log_level: str = typer.Option("info"),
+    ) -> None:
+        """Run a prefill worker."""
+        _logging(log_level)
+        _run_worker(
+            _worker(
+                "prefill",
+                config,
+                port=port or 50051,
+                host=host,
+                model=model,
+                threads=threads,
+                kv_cache_mb=kv_cache_mb,
+                worker_id=worker_id,
+            )
+        )
+
+    @app.command()
+    def decode(
+        port: int = typer.Option(None, help="gRPC port (default 50061); metrics on port + 1000"),
+        host: str = typer.Option(None, help="listen address (default 127.0.0.1)"),
+        model: str = typer.Option(None, help="GGUF file or safetensors directory"),
+        threads: int = typer.Option(None, help="torch threads for this worker"),
+        kv_cache_mb: int = typer.Option(None, help="KV cache size"),
+        transfer: str = typer.Option(None, help="grpc or nixl: how KV is pulled"),
+        worker_id: str = typer.Option(None),
+        config: Path = CONFIG,
+        log_level: str = typer.Option("info"),
+    ) -> None:
+        """Run a decode worker (it can also prefill locally: colocated mode)."""
+        _logging(log_level)
+        _run_worker(
+            _worker(
+                "decode",
+                config,
+                port=port or 50061,
+                host=host,
+                model=model,
+                threads=threads,
+                kv_cache_mb=kv_cache_mb,
+                transfer=transfer,
+                worker_id=worker_id,
+            )
+        )
+
+    @app.command()
+    def gateway(
+        port: int = typer.Option(None, help="HTTP port (default 8000)"),
+        host: str = typer.Option(None, help="listen address (default 127.0.0.1)"),
+        model: str = typer.Option(None, help="model path, for the tokenizer and chat template"),
+        prefill: list[str] = typer.Option(None, help="prefill worker address host:port (repeat)"),
+        decode: list[str] = typer.Option(None, help="decode worker address host:port (repeat)"),
+        transfer: str = typer.Option(None, help="grpc or nixl"),
+        config: Path = CONFIG,
+        log_level: str = typer.Option("info"),
+    ) -> None:
+        """Run the OpenAI-compatible gateway."""
+        _logging(log_level)
+        settings = load_settings(
+            GatewaySettings,
+            config,
+            port=port,
+            host=host,
+            model=model,
+            prefill=prefill or None,
+            decode=decode or None,
+            transfer=transfer,
+        )
+        from gateway.server import serve
+
+        serve(settings)

@@ -1,0 +1,109 @@
+"""KV over NIXL (UCX): each worker registers its whole KV cache with a NIXL agent once; the decode
+side READs the prefill side's blocks straight into its own reserved blocks, no copies in between.
+
+The metadata exchange (agent metadata and serialized block descriptors) rides on the KV service's
+NixlHandshake RPC. On CPU the cache is DRAM; on a GPU the same code registers VRAM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from common.kv.cache import KVCache
+from common.rpc import kv_pb2, kv_pb2_grpc, types_pb2
+from common.rpc.channels import ChannelPool
+from common.rpc.convert import layout_to_proto
+from kvtransfer.base import TransferResult, check_handle
+
+
+def nixl_available() -> bool:
+    try:
+        import nixl._api  # noqa: F401
+    except Exception:  # ImportError, or a native library that fails to load
+        return False
+    return True
+
+
+class _Agent:
+    """A NIXL agent over one KV cache tensor."""
+
+    def __init__(self, cache: KVCache, name: str) -> None:
+        from nixl._api import nixl_agent, nixl_agent_config
+
+        self.cache = cache
+        self.name = name
+        self.agent = nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+        self.mem = "VRAM" if cache.tensor.is_cuda else "DRAM"
+        self.dev = cache.tensor.device.index or 0
+        self._reg = self.agent.register_memory(cache.tensor)
+
+    def block_descs(self, block_ids: list[int]):  # noqa: ANN201 - nixl descriptor list
+        base, size = self.cache.tensor.data_ptr(), self.cache.layout.block_bytes
+        return self.agent.get_xfer_descs([(base + b * size, size, self.dev) for b in block_ids], self.mem)
+
+    def close(self) -> None:
+        self.agent.deregister_memory(self._reg)
+
+
+class NixlKVServer:
+    """Prefill side: answers handshakes with the descriptors of a pinned request's blocks."""
+
+    def __init__(self, cache: KVCache, name: str) -> None:
+        self._agent = _Agent(cache, name)
+
+    def handshake(self, block_ids: list[int]) -> kv_pb2.NixlHandshakeResponse:
+        a = self._agent
+        return kv_pb2.NixlHandshakeResponse(
+            agent_name=a.name,
+            agent_metadata=a.agent.get_agent_metadata(),
+            block_descriptors=a.agent.get_serialized_descs(a.block_descs(block_ids)),
+        )
+
+    def close(self) -> None:
+        self._agent.close()
+
+
+class NixlTransferClient:
+    backend = "nixl"
+    _POLL_S = 0.0002
+
+    def __init__(self, cache: KVCache, channels: ChannelPool, name: str) -> None:
+        self.cache = cache
+        self.channels = channels
+        self._agent = _Agent(cache, name)
+        self._known: set[str] = set()
+
+    async def pull(self, handle: types_pb2.KVHandle, dst_block_ids: list[int], timeout: float) -> TransferResult:
+        check_handle(self.cache.layout, handle, dst_block_ids)
+        a = self._agent
+        deadline = time.monotonic() + timeout
+        t0 = time.perf_counter()
+        stub = kv_pb2_grpc.KVServiceStub(self.channels.get(handle.transfer_endpoint))
+        resp = await stub.NixlHandshake(
+            kv_pb2.NixlHandshakeRequest(
+                request_id=handle.request_id,
+                layout=layout_to_proto(self.cache.layout),
+                agent_name=a.name,
+                agent_metadata=a.agent.get_agent_metadata(),
+            ),
+            timeout=timeout,
+        )
+        if resp.agent_name not in self._known:
+            a.agent.add_remote_agent(resp.agent_metadata)
+            self._known.add(resp.agent_name)
+        remote = a.agent.deserialize_descs(resp.block_descriptors)
+        xfer = a.agent.initialize_xfer("READ", a.block_descs(dst_block_ids), remote, resp.agent_name)
+        try:
+            state = a.agent.transfer(xfer)
+            while state != "DONE":
+                if state == "ERR":
+                    raise ConnectionError(f"NIXL READ from {resp.agent_name} failed")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"NIXL READ from {resp.agent_name} did not finish in {timeout:.1f}s")
+                await asyncio.sleep(self._POLL_S)
+                state = a.agent.check_xfer_state(xfer)
+        finally:
+            a.agent.release_xfer_handle(xfer)
+        n = len(dst_block_ids)
+        return TransferResult(self.backend, n, n * self.cache.layout.block_bytes, time.perf_counter() - t0)

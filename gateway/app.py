@@ -15,7 +15,7 @@ from common.model_source import resolve_model
 from common.rpc.channels import ChannelPool
 from common.settings import GatewaySettings
 from common.tokenizer import Tokenizer
-from gateway.errors import APIError, api_error_handler
+from gateway.errors import APIError, api_error_handler, unexpected_error_handler
 from gateway.metrics import REQUESTS, WORKERS_UP
 from gateway.orchestrator import Orchestrator
 from gateway.prepare import Preparer, parse_body
@@ -44,6 +44,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app = FastAPI(title="kvrelay gateway", lifespan=lifespan)
     app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)
     app.state.registry = registry
     app.state.settings = settings
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 from fastapi import Request
 from fastapi.responses import JSONResponse
+
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -48,3 +52,9 @@ def from_grpc(err: grpc.aio.AioRpcError, worker: str) -> APIError:
 
 async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error serving %s", request.url.path)
+    body = APIError(500, "internal error in the gateway; see its log", "server_error", code="internal_error").body()
+    return JSONResponse(body, status_code=500)

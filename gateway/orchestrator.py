@@ -67,7 +67,7 @@ class Orchestrator:
                 decode_pb2.GenerateRequest(request_id=request_id, token_ids=prompt_ids, params=wire),
                 timeout=self.settings.request_timeout_s,
             )
-            async for delta in self._stream(call, route.decode, route):
+            async for delta in self._stream(call, route.decode, route, params):
                 yield delta
             return
 
@@ -92,7 +92,7 @@ class Orchestrator:
         if resp.finished:
             return
         handle = resp.handle
-        decode_started = False
+        finished = False
         try:
             stub = decode_pb2_grpc.DecodeServiceStub(self.channels.get(route.decode))
             call = stub.Decode(
@@ -106,16 +106,19 @@ class Orchestrator:
                 ),
                 timeout=self.settings.request_timeout_s,
             )
-            decode_started = True
-            async for delta in self._stream(call, route.decode, route):
+            async for delta in self._stream(call, route.decode, route, params):
                 delta.cached_tokens = cached
+                finished = delta.finished
                 yield delta
         finally:
-            if not decode_started:
-                # Abandoned between prefill and decode (client gone): unpin now, not at lease expiry.
+            if not finished:
+                # Decode failed or the client went away: unpin the prefill KV now, not at lease expiry.
+                # Idempotent: a no-op if the decode worker had already released it.
                 self._spawn(self._release(route.prefill, handle.request_id))
 
-    async def _stream(self, call: grpc.aio.UnaryStreamCall, worker: str, route: Route) -> AsyncIterator[Delta]:
+    async def _stream(
+        self, call: grpc.aio.UnaryStreamCall, worker: str, route: Route, params: SamplingParams
+    ) -> AsyncIterator[Delta]:
         done = False
         try:
             async for chunk in call:
@@ -127,7 +130,7 @@ class Orchestrator:
                     list(chunk.token_ids),
                     chunk.finished,
                     chunk.finish_reason or None,
-                    chunk.text if chunk.finished else None,
+                    chunk.text if chunk.finished and params.stop else None,
                     chunk.usage.prompt_tokens,
                     chunk.usage.completion_tokens,
                     chunk.usage.cached_tokens,

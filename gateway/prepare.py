@@ -25,6 +25,7 @@ class Prepared:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    return_token_ids: bool = False
 
 
 async def parse_body(request: Request, model: type[M]) -> M:
@@ -44,7 +45,7 @@ async def parse_body(request: Request, model: type[M]) -> M:
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
+        param = _field_path(err["loc"])
         raise bad_request(f"{param}: {err['msg']}" if param else err["msg"], param) from e
 
 
@@ -137,4 +138,18 @@ class Preparer:
         except InvalidRequestError as e:
             raise bad_request(str(e), e.param) from e
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return Prepared(ids, params, body.stream, include_usage)
+        return Prepared(ids, params, body.stream, include_usage, body.return_token_ids)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list"}
+
+
+def _field_path(loc: tuple) -> str | None:
+    """The field a validation error is about, without the union-member tags pydantic appends
+    (`stop.str`, `prompt.list[int]`)."""
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, str) and (p in _TYPE_TAGS or "[" in p or p[:1].isupper()):
+            break
+        parts.append(str(p))
+    return ".".join(parts) or None

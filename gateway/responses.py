@@ -89,6 +89,8 @@ class Responder:
             "choices": [shape.body_choice(text, last.finish_reason)],
             "usage": _usage(last),
         }
+        if prep.return_token_ids:
+            body["choices"][0]["token_ids"] = ids
         return JSONResponse(body, headers=headers)
 
     async def _sse(
@@ -117,9 +119,12 @@ class Responder:
             text = detok.push(d.token_ids)
             if d.finished:
                 text += detok.finish(d.text)
-                yield event([shape.chunk_choice(text, d.finish_reason, first=False)])
-            elif text:
-                yield event([shape.chunk_choice(text, None, first=False)])
+            if not (d.finished or text or prep.return_token_ids):
+                continue
+            choice = shape.chunk_choice(text, d.finish_reason if d.finished else None, first=False)
+            if prep.return_token_ids:
+                choice["token_ids"] = d.token_ids
+            yield event([choice])
         if prep.include_usage:
             yield event([], _usage(last))
         yield "data: [DONE]\n\n"

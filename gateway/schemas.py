@@ -40,6 +40,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     ignore_eos: bool = False
+    return_token_ids: bool = False  # extension: each choice also carries its output token ids
     user: str | None = None
     logprobs: bool | int | None = None
 

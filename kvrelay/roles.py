@@ -38,6 +38,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(None, help="GGUF file or safetensors directory"),
         threads: int = typer.Option(None, help="torch threads for this worker"),
         kv_cache_mb: int = typer.Option(None, help="KV cache size"),
+        block_size: int = typer.Option(None, help="tokens per KV block (default 16)"),
         worker_id: str = typer.Option(None),
         config: Path = CONFIG,
         log_level: str = typer.Option("info"),
@@ -53,6 +54,7 @@ def register(app: typer.Typer) -> None:
                 model=model,
                 threads=threads,
                 kv_cache_mb=kv_cache_mb,
+                block_size=block_size,
                 worker_id=worker_id,
             )
         )
@@ -64,6 +66,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(None, help="GGUF file or safetensors directory"),
         threads: int = typer.Option(None, help="torch threads for this worker"),
         kv_cache_mb: int = typer.Option(None, help="KV cache size"),
+        block_size: int = typer.Option(None, help="tokens per KV block (default 16)"),
         transfer: str = typer.Option(None, help="grpc or nixl: how KV is pulled"),
         worker_id: str = typer.Option(None),
         config: Path = CONFIG,
@@ -80,6 +83,7 @@ def register(app: typer.Typer) -> None:
                 model=model,
                 threads=threads,
                 kv_cache_mb=kv_cache_mb,
+                block_size=block_size,
                 transfer=transfer,
                 worker_id=worker_id,
             )

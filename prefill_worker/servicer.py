@@ -28,8 +28,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         t0 = time.perf_counter()
         params = params_from_proto(request.params)
         out = None
-        async for out in self.engine.generate(request.request_id, list(request.token_ids), params, prefill_only=True):
-            pass
+        async for o in self.engine.generate(request.request_id, list(request.token_ids), params, prefill_only=True):
+            out = o
         if out is None or out.error or not out.new_token_ids:
             REQUESTS.labels("prefill", "Prefill", "error").inc()
             raise RuntimeError(out.error if out and out.error else "prefill produced no token")

@@ -1,0 +1,37 @@
+"""Small HTTP helpers for the integration tests."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+
+async def model_id(client: httpx.AsyncClient, url: str) -> str:
+    return (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
+
+
+async def chat_token_ids(
+    client: httpx.AsyncClient, url: str, model: str, question: str, max_tokens: int, stream: bool
+) -> tuple[list[int], str]:
+    """Greedy output token ids (via the return_token_ids extension) and the serving mode."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "return_token_ids": True,
+        "stream": stream,
+    }
+    if not stream:
+        r = await client.post(f"{url}/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["token_ids"], r.headers["x-kvrelay-mode"]
+    ids: list[int] = []
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    ids += c.get("token_ids", [])
+        return ids, r.headers["x-kvrelay-mode"]

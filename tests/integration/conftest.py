@@ -1,0 +1,103 @@
+"""Real processes on loopback ports picked at run time: workers, gateway, `kvrelay up`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from common.rpc import worker_pb2, worker_pb2_grpc
+from kvrelay.launcher import Cluster, free_port
+from tests.tiny_checkpoint import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@dataclass
+class Running:
+    cluster: Cluster
+    url: str
+    prefill: list[str]
+    decode: list[str]
+
+    def workers(self) -> list[str]:
+        return self.prefill + self.decode
+
+
+def start_cluster(
+    log_dir: str,
+    model: str | None,
+    prefill: int = 1,
+    decode: int = 1,
+    transfer: str = "grpc",
+    prefill_extra: list[str] | None = None,
+    decode_extra: list[str] | None = None,
+    timeout: float = 120.0,
+) -> Running:
+    cluster = Cluster(log_dir=log_dir)
+    try:
+        p = [cluster.worker("prefill", free_port(), 1, model, prefill_extra) for _ in range(prefill)]
+        d = [
+            cluster.worker("decode", free_port(), 1, model, ["--transfer", transfer, *(decode_extra or [])])
+            for _ in range(decode)
+        ]
+        url = cluster.gateway(free_port(), p, d, model, transfer)
+        cluster.wait_ready(url, timeout=timeout, want_mode="disaggregated" if prefill else "colocated")
+    except BaseException:
+        cluster.stop()
+        raise
+    return Running(cluster, url, p, d)
+
+
+@pytest.fixture(scope="session")
+def tiny_cluster(tiny_dir, tmp_path_factory) -> Iterator[Running]:
+    """One 1-prefill + 1-decode cluster over gRPC transfer, shared by the tests that only send traffic."""
+    run = start_cluster(str(tmp_path_factory.mktemp("tiny-cluster-logs")), tiny_dir)
+    yield run
+    run.cluster.stop()
+
+
+@pytest.fixture
+def cluster_factory(tmp_path) -> Iterator:
+    started: list[Running] = []
+
+    def make(*args, **kwargs) -> Running:
+        r = start_cluster(str(tmp_path), *args, **kwargs)
+        started.append(r)
+        return r
+
+    yield make
+    for r in started:
+        r.cluster.stop()
+
+
+async def worker_stats(address: str) -> worker_pb2.StatsResponse:
+    async with grpc.aio.insecure_channel(address) as ch:
+        return await worker_pb2_grpc.WorkerServiceStub(ch).Stats(worker_pb2.StatsRequest(), timeout=5)
+
+
+async def assert_workers_clean(addresses: list[str], wait_s: float = 5.0) -> None:
+    """No request holds KV on any worker: nothing running, waiting or pinned, every block free."""
+    import asyncio
+
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        stats = [await worker_stats(a) for a in addresses]
+        dirty = [s for s in stats if s.running or s.waiting or s.pinned or s.free_blocks != s.total_blocks]
+        if not dirty:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(
+                f"KV still held: {[(s.worker_id, s.running, s.pinned, s.free_blocks, s.total_blocks) for s in dirty]}"
+            )
+        await asyncio.sleep(0.1)
+
+
+def logs_of(tmp_path) -> str:
+    return "\n".join(f"--- {f}\n{open(os.path.join(tmp_path, f)).read()[-2000:]}" for f in os.listdir(tmp_path))

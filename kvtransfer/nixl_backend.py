@@ -33,7 +33,9 @@ class _Agent:
 
         self.cache = cache
         self.name = name
-        self.agent = nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+        # No progress thread: it busy-polls a core even when idle. The reading side progresses
+        # while it waits for its READ; the serving side progresses only while a pull may be active.
+        self.agent = nixl_agent(name, nixl_agent_config(backends=["UCX"], enable_prog_thread=False))
         self.mem = "VRAM" if cache.tensor.is_cuda else "DRAM"
         self.dev = cache.tensor.device.index or 0
         self._reg = self.agent.register_memory(cache.tensor)
@@ -47,20 +49,43 @@ class _Agent:
 
 
 class NixlKVServer:
-    """Prefill side: answers handshakes with the descriptors of a pinned request's blocks."""
+    """Prefill side: answers handshakes with the descriptors of a pinned request's blocks, and drives
+    its agent's progress while any handshaken pull may still be reading (transports that emulate
+    one-sided reads, such as TCP, need the target to progress)."""
+
+    _PROGRESS_S = 0.001
 
     def __init__(self, cache: KVCache, name: str) -> None:
         self._agent = _Agent(cache, name)
+        self._active: dict[str, float] = {}  # request id -> monotonic deadline
+        self._progress: asyncio.Task | None = None
 
-    def handshake(self, block_ids: list[int]) -> kv_pb2.NixlHandshakeResponse:
+    def handshake(self, request_id: str, block_ids: list[int], lease_s: float) -> kv_pb2.NixlHandshakeResponse:
         a = self._agent
+        self._active[request_id] = time.monotonic() + lease_s
+        if self._progress is None or self._progress.done():
+            self._progress = asyncio.get_running_loop().create_task(self._drive_progress())
         return kv_pb2.NixlHandshakeResponse(
             agent_name=a.name,
             agent_metadata=a.agent.get_agent_metadata(),
             block_descriptors=a.agent.get_serialized_descs(a.block_descs(block_ids)),
         )
 
+    def done(self, request_id: str) -> None:
+        """The pull is over (released): stop progressing for it."""
+        self._active.pop(request_id, None)
+
+    async def _drive_progress(self) -> None:
+        while self._active:
+            self._agent.agent.get_new_notifs()  # makes the backend progress
+            now = time.monotonic()
+            for rid in [r for r, deadline in self._active.items() if deadline <= now]:
+                del self._active[rid]
+            await asyncio.sleep(self._PROGRESS_S)
+
     def close(self) -> None:
+        if self._progress is not None:
+            self._progress.cancel()
         self._agent.close()
 
 

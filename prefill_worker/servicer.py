@@ -83,9 +83,11 @@ class KVServicer(kv_pb2_grpc.KVServiceServicer):
         if self.nixl is None:
             raise InvalidRequestError("this prefill worker does not serve NIXL (the nixl package is missing)")
         block_ids = await self._pinned_blocks(request.request_id, request.layout)
-        return self.nixl.handshake(block_ids)
+        return self.nixl.handshake(request.request_id, block_ids, self.engine.engine.config.lease_seconds)
 
     async def Release(  # noqa: N802
         self, request: kv_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> kv_pb2.ReleaseResponse:
+        if self.nixl is not None:
+            self.nixl.done(request.request_id)
         return kv_pb2.ReleaseResponse(released=await self.engine.release(request.request_id))

@@ -1,0 +1,121 @@
+"""`kvrelay bench serve`: latency and throughput of the served system under Poisson load.
+
+Against --url, or against clusters it starts: disaggregated (1 prefill + 1 decode worker, the cores
+split between them) and, with --compare colocated, one worker that prefills and decodes with all the
+cores. Same workload, same seed, one after the other in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+
+import httpx
+
+from bench.loadgen import DEFAULT_MIX, plan_requests, run_load, summarize
+from kvrelay.launcher import Cluster, divide_cores, free_port
+
+
+def _start(mode: str, model: str | None, log_dir: str) -> tuple[Cluster, str]:
+    cores = os.cpu_count() or 1
+    cluster = Cluster(log_dir=log_dir)
+    try:
+        if mode == "colocated":
+            d = [cluster.worker("decode", free_port(), cores, model)]
+            url = cluster.gateway(free_port(), [], d, model, "grpc")
+        else:
+            plan = divide_cores(cores, 1, 1)
+            p = [cluster.worker("prefill", free_port(), plan.prefill_threads, model)]
+            d = [cluster.worker("decode", free_port(), plan.decode_threads, model)]
+            url = cluster.gateway(free_port(), p, d, model, "grpc")
+        cluster.wait_ready(url, timeout=300, want_mode=mode)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster, url
+
+
+def _measure(
+    url: str, label: str, n: int, rate: float, seed: int, slo_ttft: float, slo_tpot: float
+) -> tuple[dict, list]:
+    models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
+    vocab = 49152 if "SmolLM2" in models["id"] else 256
+    requests = plan_requests(n, DEFAULT_MIX, vocab, seed)
+    warm = plan_requests(2, DEFAULT_MIX, vocab, seed + 99)
+    asyncio.run(run_load(url, models["id"], warm, 10.0, seed, f"{label} warm-up"))
+    samples, makespan = asyncio.run(run_load(url, models["id"], requests, rate, seed, label))
+    return summarize(samples, makespan, slo_ttft, slo_tpot), samples
+
+
+def run_serve_bench(
+    url: str | None,
+    model: str | None,
+    compare: str | None,
+    n: int,
+    rate: float,
+    seed: int,
+    slo_ttft: float,
+    slo_tpot: float,
+    plot: str | None,
+) -> dict:
+    results: dict = {}
+    all_samples: dict = {}
+    modes = ["disaggregated"] + (["colocated"] if compare == "colocated" else [])
+    with tempfile.TemporaryDirectory() as logs:
+        for mode in modes:
+            if url is not None and mode == "disaggregated":
+                results[mode], all_samples[mode] = _measure(url, mode, n, rate, seed, slo_ttft, slo_tpot)
+                continue
+            os.makedirs(os.path.join(logs, mode))
+            cluster, mode_url = _start(mode, model, os.path.join(logs, mode))
+            try:
+                results[mode], all_samples[mode] = _measure(mode_url, mode, n, rate, seed, slo_ttft, slo_tpot)
+            finally:
+                cluster.stop()
+    if "colocated" in results:
+        d, c = results["disaggregated"], results["colocated"]
+        results["ratios"] = {
+            "tpot_p99_disagg_over_coloc": round(d["tpot_p99_s"] / c["tpot_p99_s"], 3),
+            "throughput_disagg_over_coloc": round(d["throughput_tok_s"] / c["throughput_tok_s"], 3),
+            "ttft_p99_disagg_over_coloc": round(d["ttft_p99_s"] / c["ttft_p99_s"], 3),
+        }
+    results["workload"] = {
+        "requests": n,
+        "rate_rps": rate,
+        "seed": seed,
+        "slo_ttft_s": slo_ttft,
+        "slo_tpot_s": slo_tpot,
+        "cores": os.cpu_count(),
+        "mix": [m.__dict__ for m in DEFAULT_MIX],
+    }
+    if plot:
+        _plot(all_samples, plot)
+        results["plot"] = plot
+    return results
+
+
+def _plot(samples: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for mode, ss in samples.items():
+        ok = [s for s in ss if not s.error and s.tokens]
+        for ax, values, title in (
+            (axes[0], [s.ttft for s in ok], "TTFT (s)"),
+            (axes[1], [t for s in ok if (t := s.tpot) is not None], "TPOT (s)"),
+            (axes[2], [i for s in ok for i in s.itls], "inter-token latency (s)"),
+        ):
+            v = sorted(values)
+            ax.plot(v, [(i + 1) / len(v) for i in range(len(v))], label=mode)
+            ax.set_xlabel(title)
+            ax.set_ylabel("CDF")
+            ax.set_xscale("log")
+            ax.grid(True, alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("kvrelay bench serve: latency distributions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

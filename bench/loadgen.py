@@ -139,6 +139,7 @@ def summarize(samples: list[Sample], makespan: float, slo_ttft: float, slo_tpot:
     return {
         "requests": len(samples),
         "failed": len(samples) - len(ok),
+        "errors": sorted({s.error for s in samples if s.error})[:3],
         "ttft_p50_s": r(percentile(ttft, 0.5)),
         "ttft_p90_s": r(percentile(ttft, 0.9)),
         "ttft_p99_s": r(percentile(ttft, 0.99)),

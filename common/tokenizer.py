@@ -17,6 +17,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from common.errors import InvalidRequestError, ModelLoadError
+from common.model.gguf_meta import gguf_field
 from common.model_source import ModelSource, open_gguf
 
 # GPT-2's split pattern; llama.cpp's "smollm"/"gpt2" pre-types use it (smollm also splits digits).
@@ -62,8 +63,7 @@ class Tokenizer:
         reader = open_gguf(path)
 
         def field(key: str, default: Any = None) -> Any:
-            f = reader.fields.get(key)
-            return default if f is None else f.contents()
+            return gguf_field(reader, key, default)
 
         kind = field("tokenizer.ggml.model")
         if kind != "gpt2":

@@ -74,7 +74,17 @@ class KVServicer(kv_pb2_grpc.KVServiceServicer):
         self, request: kv_pb2.PullBlocksRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[kv_pb2.BlockChunk]:
         block_ids = await self._pinned_blocks(request.request_id, request.layout)
-        async for chunk in stream_blocks(self.engine.engine.cache, block_ids, max(1, request.blocks_per_chunk)):
+        end = request.first_block + request.num_blocks if request.num_blocks else len(block_ids)
+        if request.first_block >= len(block_ids) or end > len(block_ids):
+            raise InvalidRequestError(
+                f"block range [{request.first_block}, {end}) is outside the request's {len(block_ids)} blocks"
+            )
+        async for chunk in stream_blocks(
+            self.engine.engine.cache,
+            block_ids[request.first_block : end],
+            max(1, request.blocks_per_chunk),
+            offset=request.first_block,
+        ):
             yield chunk
 
     async def NixlHandshake(  # noqa: N802

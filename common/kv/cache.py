@@ -52,8 +52,12 @@ class KVCache:
         return k, v
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """A copy of whole blocks, [n, layers, 2, bs, H, D], for export."""
-        return self.tensor[torch.as_tensor(list(block_ids), dtype=torch.long)].clone()
+        """Whole blocks, [n, layers, 2, bs, H, D], for export: a view when the ids are one ascending
+        run (the usual case for a fresh allocation), else a gathered copy."""
+        ids = list(block_ids)
+        if ids and ids == list(range(ids[0], ids[0] + len(ids))):
+            return self.tensor[ids[0] : ids[0] + len(ids)]
+        return self.tensor[torch.as_tensor(ids, dtype=torch.long)]
 
     def write_blocks(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
         """Fill whole blocks from an export of the same layout."""

@@ -17,10 +17,14 @@ class ChannelPool:
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def get(self, address: str) -> grpc.aio.Channel:
-        ch = self._channels.get(address)
+    def get(self, address: str, lane: int = 0) -> grpc.aio.Channel:
+        """The channel to `address`; distinct lanes are distinct connections (for parallel bulk streams)."""
+        key = f"{address}#{lane}"
+        ch = self._channels.get(key)
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            # a private subchannel pool gives each lane its own TCP connection
+            options = CHANNEL_OPTIONS + [("grpc.use_local_subchannel_pool", 1)] if lane else CHANNEL_OPTIONS
+            ch = self._channels[key] = grpc.aio.insecure_channel(address, options=options)
         return ch
 
     async def close(self) -> None:

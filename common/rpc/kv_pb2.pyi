@@ -7,14 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PullBlocksRequest(_message.Message):
-    __slots__ = ("request_id", "layout", "blocks_per_chunk")
+    __slots__ = ("request_id", "layout", "blocks_per_chunk", "first_block", "num_blocks")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_PER_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layout: _types_pb2.KVLayout
     blocks_per_chunk: int
-    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[_types_pb2.KVLayout, _Mapping]] = ..., blocks_per_chunk: _Optional[int] = ...) -> None: ...
+    first_block: int
+    num_blocks: int
+    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[_types_pb2.KVLayout, _Mapping]] = ..., blocks_per_chunk: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ...) -> None: ...
 
 class BlockChunk(_message.Message):
     __slots__ = ("first_block", "num_blocks", "data")

@@ -1,0 +1,41 @@
+"""One typed settings object per role: flags over KVRELAY_* environment over YAML over defaults."""
+
+import pytest
+from pydantic import ValidationError
+
+from common.settings import GatewaySettings, WorkerSettings, load_settings
+
+
+def test_precedence_flags_env_yaml(tmp_path, monkeypatch):
+    cfg = tmp_path / "worker.yaml"
+    cfg.write_text("role: prefill\nport: 1111\nengine:\n  block_size: 32\n  threads: 3\n  kv_cache_mb: 64\n")
+    monkeypatch.setenv("KVRELAY_PORT", "2222")
+    monkeypatch.setenv("KVRELAY_ENGINE__THREADS", "5")
+    s = load_settings(WorkerSettings, cfg, engine={"kv_cache_mb": 128, "threads": None})
+    assert s.role == "prefill"  # YAML
+    assert s.port == 2222  # env beats YAML
+    assert s.engine.threads == 5  # nested env beats YAML; a None flag means "not given"
+    assert s.engine.block_size == 32  # YAML, deep-merged with the other sources
+    assert s.engine.kv_cache_mb == 128  # flag beats all
+
+
+def test_defaults_and_address():
+    s = load_settings(WorkerSettings)
+    assert s.port == 50061 and s.transfer == "grpc" and s.address == "127.0.0.1:50061"
+    g = load_settings(GatewaySettings, prefill=["h:1"], decode=["h:2"])
+    assert g.port == 8000 and g.prefill == ["h:1"]
+
+
+def test_bad_settings_are_rejected_by_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_settings(WorkerSettings, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("engine:\n  dtype: float8\n")
+    with pytest.raises(ValidationError, match="dtype"):
+        load_settings(WorkerSettings, bad)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("prot: 5\n")
+    with pytest.raises(ValidationError, match="prot"):
+        load_settings(WorkerSettings, typo)
+    with pytest.raises(ValidationError, match="transfer"):
+        load_settings(WorkerSettings, transfer="carrier-pigeon")

@@ -1,0 +1,58 @@
+"""What the scheduler sees of a worker and of a request. Small, immutable, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Candidate:
+    worker_id: str
+    address: str
+    role: str
+    healthy: bool = True
+    draining: bool = False
+    layout_ok: bool = True
+    waiting: int = 0
+    running: int = 0
+    free_blocks: int = 1
+    total_blocks: int = 1
+    inflight_tokens: int = 0  # prompt tokens this gateway has sent and not yet seen finish
+
+    @property
+    def kv_usage(self) -> float:
+        return 1.0 - self.free_blocks / max(1, self.total_blocks)
+
+    @property
+    def load(self) -> int:
+        """Requests queued or running: the imbalance guard's measure."""
+        return self.waiting + self.running
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    prompt_tokens: int
+    block_hashes: tuple[int, ...] = ()  # chained hashes of the prompt's full blocks
+    block_size: int = 16
+
+
+@dataclass
+class ScoredCandidate:
+    candidate: Candidate
+    scores: dict[str, float] = field(default_factory=dict)
+    total: float = 0.0
+
+
+class Filter(Protocol):
+    type_name: str
+
+    def keep(self, c: Candidate, req: RequestInfo) -> bool: ...
+
+
+class Scorer(Protocol):
+    type_name: str
+
+    def score(self, candidates: list[Candidate], req: RequestInfo) -> list[float]:
+        """One score in [0, 1] per candidate (higher is better)."""
+        ...

@@ -48,6 +48,7 @@ class GatewaySettings(BaseSettings):
     request_timeout_s: float = Field(600.0, gt=0)
     prefill_timeout_s: float = Field(120.0, gt=0)
     health_interval_s: float = Field(1.0, gt=0)
+    scheduler_config: str | None = Field(None, description="scheduler YAML (profiles, weights); default built in")
 
 
 def load_settings(cls: type[S], config_file: str | Path | None = None, **overrides: Any) -> S:

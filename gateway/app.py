@@ -16,11 +16,15 @@ from common.rpc.channels import ChannelPool
 from common.settings import GatewaySettings
 from common.tokenizer import Tokenizer
 from gateway.errors import APIError, api_error_handler, unexpected_error_handler
+from gateway.kv_events import KVEventWatcher
 from gateway.metrics import REQUESTS, WORKERS_UP
 from gateway.orchestrator import Orchestrator
 from gateway.prepare import Preparer, parse_body
 from gateway.registry import StaticRegistry
 from gateway.responses import Responder, Shape
+from gateway.scheduling.config import load_config
+from gateway.scheduling.prefix_index import PrefixIndex
+from gateway.scheduling.scheduler import Scheduler
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 
 
@@ -30,8 +34,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     model_name = settings.served_model_name or source.model_id
     max_model_len = settings.max_model_len or min(context_length(source), 8192)
     channels = ChannelPool()
-    registry = StaticRegistry(channels, settings.prefill, settings.decode, settings.health_interval_s)
-    orchestrator = Orchestrator(registry, channels, settings)
+    index = PrefixIndex()
+    registry = StaticRegistry(
+        channels,
+        settings.prefill,
+        settings.decode,
+        settings.health_interval_s,
+        model_id=source.model_id,
+        watcher=KVEventWatcher(channels, index),
+    )
+    scheduler = Scheduler(load_config(settings.scheduler_config), index)
+    orchestrator = Orchestrator(registry, channels, settings, scheduler)
     preparer = Preparer(tokenizer, {model_name, source.model_id}, max_model_len, settings)
     responder = Responder(orchestrator, tokenizer, model_name)
 
@@ -86,14 +99,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        pools = {role: registry.healthy(role) for role in ("prefill", "decode")}
-        detail = {
-            role: {
+        errors = registry.layout_errors()
+        detail = {}
+        pools = {}
+        for role in ("prefill", "decode"):
+            members = [w for w in registry.workers.values() if w.role == role]
+            pools[role] = [w for w in members if w.healthy and w.address not in errors]
+            detail[role] = {
                 "healthy": [w.worker_id for w in pools[role]],
-                "down": {w.address: w.error for w in registry.workers.values() if w.role == role and not w.healthy},
+                "down": {w.address: w.error for w in members if not w.healthy},
+                "incompatible": {w.address: errors[w.address] for w in members if w.address in errors},
             }
-            for role in pools
-        }
         ok = bool(pools["decode"])  # a decode worker can prefill locally, so it alone can serve
         mode = "disaggregated" if pools["prefill"] and ok else ("colocated" if ok else "unavailable")
         return JSONResponse({"ready": ok, "mode": mode, "workers": detail}, status_code=200 if ok else 503)

@@ -19,3 +19,9 @@ E2E = Histogram("kvrelay_gateway_request_duration_seconds", "Arrival to last tok
 RUNNING = Gauge("kvrelay_gateway_requests_running", "Requests being served")
 WORKERS_UP = Gauge("kvrelay_gateway_workers_up", "Workers answering health checks", ["role"])
 ROUTED = Counter("kvrelay_gateway_routed_total", "Requests by serving mode", ["mode"])
+DECISIONS = Counter("kvrelay_gateway_schedule_decisions_total", "Routing decisions", ["outcome", "reason"])
+PREFIX_TOKENS = Counter(
+    "kvrelay_gateway_prefix_cached_tokens_total",
+    "Prompt tokens the scheduler predicted cached on the chosen worker, and those the worker reported",
+    ["kind"],
+)

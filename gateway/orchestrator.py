@@ -6,18 +6,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
 
 from common.engine.sampling import SamplingParams
+from common.kv.block_hash import block_hashes
 from common.rpc import decode_pb2, decode_pb2_grpc, kv_pb2, kv_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from common.rpc.channels import ChannelPool
 from common.rpc.convert import params_to_proto
 from common.settings import GatewaySettings
 from gateway.errors import APIError, from_grpc
+from gateway.metrics import DECISIONS, PREFIX_TOKENS
 from gateway.registry import StaticRegistry
+from gateway.scheduling.scheduler import NoCandidateError, Scheduler
+from gateway.scheduling.types import RequestInfo
 
 log = logging.getLogger(__name__)
 
@@ -35,29 +40,79 @@ class Delta:
 
 @dataclass
 class Route:
-    mode: str  # "disaggregated" | "colocated"
+    mode: str  # "disaggregated" | "colocated" (the decode worker prefills)
     prefill: str | None
     decode: str
+    reason: str = "pd"  # the P/D decider's reason
+    predicted_cached_tokens: int = 0
+    workers: tuple[str, ...] = ()  # worker ids charged with this request's in-flight tokens
     transfer: dict = field(default_factory=dict)
 
 
 class Orchestrator:
-    def __init__(self, registry: StaticRegistry, channels: ChannelPool, settings: GatewaySettings) -> None:
+    def __init__(
+        self, registry: StaticRegistry, channels: ChannelPool, settings: GatewaySettings, scheduler: Scheduler
+    ) -> None:
         self.registry = registry
         self.channels = channels
         self.settings = settings
+        self.scheduler = scheduler
+        self.inflight: Counter[str] = Counter()  # worker id -> prompt tokens sent, not yet finished
         self._background: set[asyncio.Task] = set()
 
-    def route(self) -> Route:
-        decode = self.registry.pick("decode")
-        if decode is None:
-            raise APIError(503, "no decode worker is available", "server_error", code="no_workers")
-        prefill = self.registry.pick("prefill")
-        if prefill is None:
-            return Route("colocated", None, decode.address)
-        return Route("disaggregated", prefill.address, decode.address)
+    def route(self, prompt_ids: list[int]) -> Route:
+        ref = self.registry.reference_layout()
+        bs = ref.block_size if ref is not None else 16
+        req = RequestInfo(len(prompt_ids), tuple(block_hashes(prompt_ids, bs)), bs)
+        errors = self.registry.layout_errors()
+        pools: dict[str, list] = {"prefill": [], "decode": []}
+        for w in self.registry.workers.values():
+            pools[w.role].append(w.candidate(errors.get(w.address), self.inflight[w.worker_id]))
+        try:
+            sched = self.scheduler.schedule(req, pools["prefill"], pools["decode"])
+        except NoCandidateError as e:
+            raise APIError(503, str(e), "server_error", code="no_workers") from e
+        DECISIONS.labels("pd" if sched.prefill else "decode_only", sched.decision.reason).inc()
+        decode = sched.decode.candidate
+        if sched.prefill is None:
+            return Route(
+                "colocated",
+                None,
+                decode.address,
+                sched.decision.reason,
+                sched.predicted_cached_tokens,
+                (decode.worker_id,),
+            )
+        prefill = sched.prefill.candidate
+        return Route(
+            "disaggregated",
+            prefill.address,
+            decode.address,
+            sched.decision.reason,
+            sched.predicted_cached_tokens,
+            (prefill.worker_id, decode.worker_id),
+        )
 
     async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, route: Route
+    ) -> AsyncIterator[Delta]:
+        for w in route.workers:
+            self.inflight[w] += len(prompt_ids)
+        actual = None
+        try:
+            async for delta in self._generate(request_id, prompt_ids, params, route):
+                if actual is None:
+                    actual = delta.cached_tokens
+                    PREFIX_TOKENS.labels("predicted").inc(route.predicted_cached_tokens)
+                    PREFIX_TOKENS.labels("actual").inc(actual)
+                yield delta
+        finally:
+            for w in route.workers:
+                self.inflight[w] -= len(prompt_ids)
+                if self.inflight[w] <= 0:
+                    del self.inflight[w]
+
+    async def _generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, route: Route
     ) -> AsyncIterator[Delta]:
         wire = params_to_proto(params)

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from dataclasses import dataclass, field
 
 import grpc
 
-from common.rpc import worker_pb2, worker_pb2_grpc
+from common.rpc import types_pb2, worker_pb2, worker_pb2_grpc
 from common.rpc.channels import ChannelPool
+from gateway.kv_events import KVEventWatcher
+from gateway.scheduling.types import Candidate
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,21 @@ class WorkerState:
     def worker_id(self) -> str:
         return self.stats.worker_id if self.stats else self.address
 
+    def candidate(self, layout_error: str | None, inflight_tokens: int) -> Candidate:
+        s = self.stats
+        return Candidate(
+            worker_id=self.worker_id,
+            address=self.address,
+            role=self.role,
+            healthy=self.healthy,
+            layout_ok=layout_error is None,
+            waiting=s.waiting if s else 0,
+            running=s.running if s else 0,
+            free_blocks=s.free_blocks if s else 0,
+            total_blocks=s.total_blocks if s else 1,
+            inflight_tokens=inflight_tokens,
+        )
+
 
 @dataclass
 class StaticRegistry:
@@ -38,13 +54,14 @@ class StaticRegistry:
     prefill: list[str]
     decode: list[str]
     interval_s: float = 1.0
+    model_id: str = ""
+    watcher: KVEventWatcher | None = None
     workers: dict[tuple[str, str], WorkerState] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for role, addrs in (("prefill", self.prefill), ("decode", self.decode)):
             for a in addrs:
                 self.workers[(role, a)] = WorkerState(a, role)
-        self._rr = {"prefill": itertools.count(), "decode": itertools.count()}
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -52,6 +69,8 @@ class StaticRegistry:
         self._task = asyncio.create_task(self._poll_forever())
 
     async def stop(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.stop()
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -60,13 +79,38 @@ class StaticRegistry:
     def healthy(self, role: str) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.role == role and w.healthy]
 
-    def pick(self, role: str) -> WorkerState | None:
-        """Round-robin over the healthy workers of a role."""
-        pool = self.healthy(role)
-        return pool[next(self._rr[role]) % len(pool)] if pool else None
+    def reference_layout(self) -> types_pb2.KVLayout | None:
+        """The layout KV must have to be exchanged here: that of the first healthy decode worker
+        serving the gateway's model (decode workers are the ones that pull)."""
+        for w in sorted(self.healthy("decode"), key=lambda w: w.address):
+            if w.stats and w.stats.model_id == self.model_id:
+                return w.stats.layout
+        return None
+
+    def layout_errors(self) -> dict[str, str]:
+        """address -> why that worker must not be chosen (wrong model, or a layout that differs)."""
+        ref = self.reference_layout()
+        errors: dict[str, str] = {}
+        for w in self.workers.values():
+            if not w.stats:
+                continue
+            if w.stats.model_id != self.model_id:
+                errors[w.address] = f"serves model {w.stats.model_id!r}, the gateway serves {self.model_id!r}"
+            elif ref is not None and w.stats.layout != ref:
+                diff = [
+                    f"{f.name}: {getattr(w.stats.layout, f.name)!r} != {getattr(ref, f.name)!r}"
+                    for f in ref.DESCRIPTOR.fields
+                    if getattr(w.stats.layout, f.name) != getattr(ref, f.name)
+                ]
+                errors[w.address] = "KV layout differs from the decode pool's: " + "; ".join(diff)
+        return errors
 
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._probe(w) for w in self.workers.values()))
+        if self.watcher is not None:
+            for w in self.workers.values():
+                if w.healthy and w.stats:
+                    self.watcher.watch(w.worker_id, w.address)
 
     async def _poll_forever(self) -> None:
         while True:

@@ -61,13 +61,13 @@ class Responder:
         self.model_name = model_name
 
     async def respond(self, shape: Shape, request_id: str, prep: Prepared) -> JSONResponse | StreamingResponse:
-        route = self.orchestrator.route()
+        route = self.orchestrator.route(prep.prompt_ids)
         ROUTED.labels(route.mode).inc()
         t0 = time.perf_counter()
         deltas = self._timed(
             self.orchestrator.generate(request_id, prep.prompt_ids, prep.params, route), route.mode, t0
         )
-        headers = {"X-Request-Id": request_id, "X-Kvrelay-Mode": route.mode}
+        headers = {"X-Request-Id": request_id, "X-Kvrelay-Mode": route.mode, "X-Kvrelay-Decision": route.reason}
         # Wait for the first token before answering, so that early failures get a proper HTTP status.
         first = await anext(deltas)
         if prep.stream:

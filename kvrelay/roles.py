@@ -97,6 +97,7 @@ def register(app: typer.Typer) -> None:
         prefill: list[str] = typer.Option(None, help="prefill worker address host:port (repeat)"),
         decode: list[str] = typer.Option(None, help="decode worker address host:port (repeat)"),
         transfer: str = typer.Option(None, help="grpc or nixl"),
+        scheduler_config: str = typer.Option(None, help="scheduler YAML: profiles, scorer weights, decider"),
         config: Path = CONFIG,
         log_level: str = typer.Option("info"),
     ) -> None:
@@ -111,6 +112,7 @@ def register(app: typer.Typer) -> None:
             prefill=prefill or None,
             decode=decode or None,
             transfer=transfer,
+            scheduler_config=scheduler_config,
         )
         from gateway.server import serve
 

@@ -30,6 +30,20 @@ class Running:
         return self.prefill + self.decode
 
 
+def force_pd_config(log_dir: str) -> str:
+    """A scheduler YAML whose decider always disaggregates: tests of the P/D path must not be
+    short-circuited to decode-only because their prompts are short."""
+    path = os.path.join(log_dir, "scheduler-force-pd.yaml")
+    with open(path, "w") as f:
+        f.write(
+            "profiles:\n"
+            "  prefill: {scorers: [{type: prefix-cache, weight: 2}, {type: queue-depth, weight: 1}]}\n"
+            "  decode: {scorers: [{type: kv-usage, weight: 1}, {type: running, weight: 1}]}\n"
+            "decider: {enabled: false}\n"
+        )
+    return path
+
+
 def start_cluster(
     log_dir: str,
     model: str | None,
@@ -39,6 +53,8 @@ def start_cluster(
     prefill_extra: list[str] | None = None,
     decode_extra: list[str] | None = None,
     timeout: float = 120.0,
+    force_pd: bool = True,
+    want_colocated: bool = False,
 ) -> Running:
     cluster = Cluster(log_dir=log_dir)
     try:
@@ -47,8 +63,10 @@ def start_cluster(
             cluster.worker("decode", free_port(), 1, model, ["--transfer", transfer, *(decode_extra or [])])
             for _ in range(decode)
         ]
-        url = cluster.gateway(free_port(), p, d, model, transfer)
-        cluster.wait_ready(url, timeout=timeout, want_mode="disaggregated" if prefill else "colocated")
+        extra = ["--scheduler-config", force_pd_config(log_dir)] if force_pd else []
+        url = cluster.gateway(free_port(), p, d, model, transfer, extra)
+        mode = "disaggregated" if prefill and not want_colocated else "colocated"
+        cluster.wait_ready(url, timeout=timeout, want_mode=mode)
     except BaseException:
         cluster.stop()
         raise

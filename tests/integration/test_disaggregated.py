@@ -2,12 +2,15 @@
 
 import asyncio
 
+import grpc
 import httpx
 import pytest
 
 from common.config import EngineConfig
 from common.engine.factory import build_engine
 from common.engine.sampling import SamplingParams
+from common.rpc import decode_pb2, decode_pb2_grpc, kv_pb2, kv_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from common.rpc.convert import params_to_proto
 from tests.helpers import assert_no_leaks, run_to_completion, tokens_of
 from tests.integration.client import chat_token_ids, model_id
 from tests.integration.conftest import assert_workers_clean
@@ -63,23 +66,51 @@ def test_colocated_mode_when_no_prefill_worker(cluster_factory, tiny_dir):
     assert ids == reference_tokens(tiny_dir, 24)[1]
 
 
-def test_layout_mismatch_is_a_clear_error(cluster_factory, tiny_dir):
-    run = cluster_factory(tiny_dir, prefill_extra=["--block-size", "32"])
+def test_layout_mismatch_worker_is_never_chosen_and_says_why(cluster_factory, tiny_dir):
+    run = cluster_factory(tiny_dir, prefill_extra=["--block-size", "32"], timeout=60, want_colocated=True)
+    ready = httpx.get(f"{run.url}/ready").json()
+    why = ready["workers"]["prefill"]["incompatible"][run.prefill[0]]
+    assert "block_size: 32 != 16" in why
+    model = httpx.get(f"{run.url}/v1/models").json()["data"][0]["id"]
     r = httpx.post(
         f"{run.url}/v1/chat/completions",
         timeout=30,
-        json={
-            "model": httpx.get(f"{run.url}/v1/models").json()["data"][0]["id"],
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 8,
-            "temperature": 0,
-        },
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0},
     )
-    assert r.status_code == 502
-    err = r.json()["error"]
-    assert "KV layouts differ" in err["message"] and "block_size: 16 != 32" in err["message"]
-    assert err["code"] == "worker_incompatible"
+    assert r.status_code == 200 and r.headers["x-kvrelay-mode"] == "colocated"
     asyncio.run(assert_workers_clean(run.workers()))
+
+
+def test_layout_mismatch_at_the_decode_worker_is_a_clear_error(cluster_factory, tiny_dir):
+    """Even if a caller pairs them anyway, the decode worker refuses before any byte moves."""
+    run = cluster_factory(tiny_dir, prefill_extra=["--block-size", "32"], timeout=60, want_colocated=True)
+
+    async def main():
+        ids = list(range(40))
+        params = params_to_proto(SamplingParams.create(max_tokens=4))
+        async with grpc.aio.insecure_channel(run.prefill[0]) as pch, grpc.aio.insecure_channel(run.decode[0]) as dch:
+            resp = await prefill_pb2_grpc.PrefillServiceStub(pch).Prefill(
+                prefill_pb2.PrefillRequest(request_id="mismatch", token_ids=ids, params=params), timeout=30
+            )
+            call = decode_pb2_grpc.DecodeServiceStub(dch).Decode(
+                decode_pb2.DecodeRequest(
+                    request_id="mismatch",
+                    handle=resp.handle,
+                    prompt_token_ids=ids,
+                    first_token=resp.first_token,
+                    params=params,
+                ),
+                timeout=30,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in call:
+                    pass
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "KV layouts differ" in err.value.details() and "block_size: 16 != 32" in err.value.details()
+            await kv_pb2_grpc.KVServiceStub(pch).Release(kv_pb2.ReleaseRequest(request_id="mismatch"), timeout=5)
+        await assert_workers_clean(run.workers())
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize("stream", [False, True])

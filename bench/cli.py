@@ -71,3 +71,25 @@ def serve_cmd(
         raise typer.BadParameter("only 'colocated' can be compared", param_hint="--compare")
     result = run_serve_bench(url, model, compare, requests, rate, seed, slo_ttft, slo_tpot, plot or None)
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
+@bench_app.command("prefix")
+def prefix_cmd(
+    model: str = typer.Option(None, help="GGUF file or safetensors directory"),
+    prefill: int = typer.Option(2, help="prefill workers"),
+    decode: int = typer.Option(1, help="decode workers"),
+    policies: str = typer.Option("round_robin,least_loaded,prefix_load", help="routing policies to compare"),
+    requests: int = typer.Option(48, help="requests per policy"),
+    rate: float = typer.Option(0.25, help="mean arrival rate, requests/s (Poisson)"),
+    prefixes: int = typer.Option(8, help="distinct system prompts"),
+    prefix_len: int = typer.Option(1000, help="tokens per system prompt"),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
+) -> None:
+    """Prefix-cache hit rate, TTFT and load share per routing policy on a shared-prefix workload."""
+    from bench.prefix_bench import run_prefix_bench
+
+    if prefill < 2:
+        raise typer.BadParameter("routing needs at least 2 prefill workers", param_hint="--prefill")
+    result = run_prefix_bench(model, prefill, decode, policies.split(","), requests, rate, prefixes, prefix_len, seed)
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))

@@ -67,7 +67,13 @@ class Responder:
         deltas = self._timed(
             self.orchestrator.generate(request_id, prep.prompt_ids, prep.params, route), route.mode, t0
         )
-        headers = {"X-Request-Id": request_id, "X-Kvrelay-Mode": route.mode, "X-Kvrelay-Decision": route.reason}
+        headers = {
+            "X-Request-Id": request_id,
+            "X-Kvrelay-Mode": route.mode,
+            "X-Kvrelay-Decision": route.reason,
+            "X-Kvrelay-Prefill": route.prefill or "",
+            "X-Kvrelay-Decode": route.decode,
+        }
         # Wait for the first token before answering, so that early failures get a proper HTTP status.
         first = await anext(deltas)
         if prep.stream:

@@ -66,6 +66,13 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
     t0 = time.perf_counter()
     ttft, usage, worker = None, None, ""
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return {
+                "ttft": None,
+                "usage": None,
+                "worker": "",
+                "error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}",
+            }
         worker = r.headers.get("x-kvrelay-prefill", "")
         async for line in r.aiter_lines():
             if not line.startswith("data: {"):
@@ -73,9 +80,11 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
             data = json.loads(line[6:])
             if ttft is None and data.get("choices"):
                 ttft = time.perf_counter() - t0
+            if "error" in data:
+                return {"ttft": None, "usage": None, "worker": worker, "error": data["error"]["message"]}
             if data.get("usage"):
                 usage = data["usage"]
-    return {"ttft": ttft, "usage": usage, "worker": worker}
+    return {"ttft": ttft, "usage": usage, "worker": worker, "error": None}
 
 
 async def _replay(url: str, requests: list, rate: float, seed: int, label: str) -> list[dict]:

@@ -3,6 +3,7 @@ running batch and stream the tokens. `Generate` prefills locally instead (coloca
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from common.serving.metrics import REQUESTS, TRANSFER_BYTES, TRANSFER_FAILURES, 
 from kvtransfer.base import KVTransferClient, release
 
 log = logging.getLogger(__name__)
+_PULL_MARGIN_S = 1.0  # leave this much of the lease for the pull itself
 
 
 class LeaseExpiredError(KVRelayError):
@@ -51,7 +53,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             raise KVRelayError(f"transfer backend {kind!r} is not available here; have {sorted(self.transfers)}")
         params = params_from_proto(request.params)
         rid = request.request_id
-        dst = await self.engine.begin_import(rid, list(request.prompt_token_ids), request.first_token, params)
+        dst = await self._reserve(request, params, handle.lease_deadline_unix)
         try:
             result = await client.pull(handle, dst, timeout=self.transfer_timeout_s)
             if not await release(self.channels, handle):
@@ -79,6 +81,21 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 first = False
             yield chunk
         REQUESTS.labels("decode", "Decode", "ok").inc()
+
+    async def _reserve(self, request: decode_pb2.DecodeRequest, params, lease_deadline_unix: float) -> list[int]:  # noqa: ANN001
+        """Blocks for the incoming KV. When the cache is momentarily full, wait for running requests to
+        free blocks rather than fail, but only while the prefill side's lease leaves time to pull."""
+        delay = 0.01
+        while True:
+            try:
+                return await self.engine.begin_import(
+                    request.request_id, list(request.prompt_token_ids), request.first_token, params
+                )
+            except MemoryError:
+                if time.time() + delay + _PULL_MARGIN_S >= lease_deadline_unix:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     async def Generate(  # noqa: N802
         self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext

@@ -139,6 +139,7 @@ def run_prefix_bench(
             out["policies"][policy] = {
                 "requests": len(results),
                 "failed": len(results) - len(ok),
+                "errors": sorted({r["error"] for r in results if r.get("error")})[:3],
                 "hit_rate": round(cached / max(1, prompt_tokens), 4),
                 "ttft_mean_s": round(sum(ttfts) / max(1, len(ttfts)), 4),
                 "ttft_p50_s": round(percentile(ttfts, 0.5), 4),

@@ -1,6 +1,7 @@
 """Gateway → prefill → KV transfer → decode, as real processes, against one engine alone."""
 
 import asyncio
+import time
 
 import grpc
 import httpx
@@ -68,8 +69,14 @@ def test_colocated_mode_when_no_prefill_worker(cluster_factory, tiny_dir):
 
 def test_layout_mismatch_worker_is_never_chosen_and_says_why(cluster_factory, tiny_dir):
     run = cluster_factory(tiny_dir, prefill_extra=["--block-size", "32"], timeout=60, want_colocated=True)
-    ready = httpx.get(f"{run.url}/ready").json()
-    why = ready["workers"]["prefill"]["incompatible"][run.prefill[0]]
+    deadline = time.monotonic() + 30  # "colocated" may be reported before the prefill worker answered
+    while True:
+        ready = httpx.get(f"{run.url}/ready").json()
+        why = ready["workers"]["prefill"]["incompatible"].get(run.prefill[0])
+        if why or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert why, ready
     assert "block_size: 32 != 16" in why
     model = httpx.get(f"{run.url}/v1/models").json()["data"][0]["id"]
     r = httpx.post(

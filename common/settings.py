@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from common.config import EngineConfig
@@ -20,12 +20,18 @@ class WorkerSettings(BaseSettings):
 
     role: Literal["prefill", "decode"] = "decode"
     host: str = "127.0.0.1"
-    port: int = Field(50061, ge=0, le=65535)
+    port: int | None = Field(None, ge=0, le=65535, description="default: 50051 for prefill, 50061 for decode")
     advertise_host: str | None = Field(None, description="address other services use to reach this worker")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="default: port + 1000")
     worker_id: str | None = None
     transfer: Transfer = Field("grpc", description="decode: how KV is pulled from prefill workers")
     engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @model_validator(mode="after")
+    def _role_port(self) -> WorkerSettings:
+        if self.port is None:
+            self.port = 50051 if self.role == "prefill" else 50061
+        return self
 
     @property
     def address(self) -> str:

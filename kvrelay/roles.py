@@ -17,12 +17,11 @@ def _logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _worker(role: str, config: Path | None, **flags: object) -> WorkerSettings:
-    engine = {k: flags.pop(k) for k in ("model", "threads", "kv_cache_mb", "block_size", "max_num_seqs") if k in flags}
-    return load_settings(WorkerSettings, config, role=role, engine=engine, **flags)
-
-
-def _run_worker(settings: WorkerSettings) -> None:
+def _serve_role(role: str, config: Path | None, log_level: str, **flags: object) -> None:
+    """Build the role's settings (flags over env over YAML) and run the worker until signalled."""
+    _logging(log_level)
+    engine = {k: flags.pop(k) for k in ("model", "threads", "kv_cache_mb", "block_size") if k in flags}
+    settings = load_settings(WorkerSettings, config, role=role, engine=engine, **flags)
     if settings.role == "prefill":
         from prefill_worker.server import serve
     else:
@@ -44,19 +43,17 @@ def register(app: typer.Typer) -> None:
         log_level: str = typer.Option("info"),
     ) -> None:
         """Run a prefill worker."""
-        _logging(log_level)
-        _run_worker(
-            _worker(
-                "prefill",
-                config,
-                port=port or 50051,
-                host=host,
-                model=model,
-                threads=threads,
-                kv_cache_mb=kv_cache_mb,
-                block_size=block_size,
-                worker_id=worker_id,
-            )
+        _serve_role(
+            "prefill",
+            config,
+            log_level,
+            port=port,
+            host=host,
+            model=model,
+            threads=threads,
+            kv_cache_mb=kv_cache_mb,
+            block_size=block_size,
+            worker_id=worker_id,
         )
 
     @app.command()
@@ -73,20 +70,18 @@ def register(app: typer.Typer) -> None:
         log_level: str = typer.Option("info"),
     ) -> None:
         """Run a decode worker (it can also prefill locally: colocated mode)."""
-        _logging(log_level)
-        _run_worker(
-            _worker(
-                "decode",
-                config,
-                port=port or 50061,
-                host=host,
-                model=model,
-                threads=threads,
-                kv_cache_mb=kv_cache_mb,
-                block_size=block_size,
-                transfer=transfer,
-                worker_id=worker_id,
-            )
+        _serve_role(
+            "decode",
+            config,
+            log_level,
+            port=port,
+            host=host,
+            model=model,
+            threads=threads,
+            kv_cache_mb=kv_cache_mb,
+            block_size=block_size,
+            transfer=transfer,
+            worker_id=worker_id,
         )
 
     @app.command()

@@ -22,6 +22,7 @@ def test_precedence_flags_env_yaml(tmp_path, monkeypatch):
 def test_defaults_and_address():
     s = load_settings(WorkerSettings)
     assert s.port == 50061 and s.transfer == "grpc" and s.address == "127.0.0.1:50061"
+    assert load_settings(WorkerSettings, role="prefill").port == 50051
     g = load_settings(GatewaySettings, prefill=["h:1"], decode=["h:2"])
     assert g.port == 8000 and g.prefill == ["h:1"]
 
@@ -39,3 +40,9 @@ def test_bad_settings_are_rejected_by_name(tmp_path):
         load_settings(WorkerSettings, typo)
     with pytest.raises(ValidationError, match="transfer"):
         load_settings(WorkerSettings, transfer="carrier-pigeon")
+
+
+def test_cli_flags_left_unset_do_not_override_env(monkeypatch):
+    """The role commands pass None for flags not given, so KVRELAY_PORT wins over the built-in default."""
+    monkeypatch.setenv("KVRELAY_PORT", "4321")
+    assert load_settings(WorkerSettings, role="prefill", port=None).port == 4321

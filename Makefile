@@ -4,9 +4,15 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-stamp
 
-.PHONY: setup run test lint protos clean
+.PHONY: setup system-deps run test lint protos clean
 
-setup: $(STAMP)
+setup: system-deps $(STAMP)
+
+# Real servers the tests start on loopback ports: Redis (registry) and Prometheus (scrape test).
+system-deps:
+	@command -v redis-server >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  { apt-get install -y -qq redis-server prometheus >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq redis-server prometheus; }; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -26,11 +26,23 @@ class WorkerSettings(BaseSettings):
     worker_id: str | None = None
     transfer: Transfer = Field("grpc", description="decode: how KV is pulled from prefill workers")
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    registry: str | None = Field(None, description="redis:// URL of the worker registry; unset: not registered")
+    registry_prefix: str = Field("kvrelay", min_length=1, description="key prefix shared by one deployment")
+    heartbeat_s: float = Field(1.0, gt=0, description="how often the registry record is renewed")
+    registry_ttl_s: float = Field(5.0, gt=0, description="a record not renewed for this long expires")
+    drain_notice_s: float = Field(
+        2.5, ge=0, description="on SIGTERM: keep serving this long after deregistering, while gateways notice"
+    )
+    drain_timeout_s: float = Field(60.0, gt=0, description="on SIGTERM: most time to finish in-flight requests")
 
     @model_validator(mode="after")
     def _role_port(self) -> WorkerSettings:
         if self.port is None:
             self.port = 50051 if self.role == "prefill" else 50061
+        if self.heartbeat_s >= self.registry_ttl_s:
+            raise ValueError(
+                f"heartbeat_s ({self.heartbeat_s}) must be shorter than registry_ttl_s ({self.registry_ttl_s})"
+            )
         return self
 
     @property
@@ -55,6 +67,8 @@ class GatewaySettings(BaseSettings):
     prefill_timeout_s: float = Field(120.0, gt=0)
     health_interval_s: float = Field(1.0, gt=0)
     scheduler_config: str | None = Field(None, description="scheduler YAML (profiles, weights); default built in")
+    registry: str | None = Field(None, description="redis:// URL: discover workers and share KV events there")
+    registry_prefix: str = Field("kvrelay", min_length=1, description="key prefix shared by one deployment")
 
 
 def load_settings(cls: type[S], config_file: str | Path | None = None, **overrides: Any) -> S:

@@ -10,17 +10,21 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from common.discovery.record import RegistryKeys
+from common.discovery.redis_client import check_redis, open_redis
 from common.model.gguf_meta import context_length
 from common.model_source import resolve_model
 from common.rpc.channels import ChannelPool
 from common.settings import GatewaySettings
 from common.tokenizer import Tokenizer
+from gateway.discovery import RedisDiscovery, StaticDiscovery
 from gateway.errors import APIError, api_error_handler, unexpected_error_handler
+from gateway.kv_event_stream import RedisKVEventWatcher
 from gateway.kv_events import KVEventWatcher
 from gateway.metrics import REQUESTS, WORKERS_UP
 from gateway.orchestrator import Orchestrator
 from gateway.prepare import Preparer, parse_body
-from gateway.registry import StaticRegistry
+from gateway.registry import WorkerRegistry
 from gateway.responses import Responder, Shape
 from gateway.scheduling.config import load_config
 from gateway.scheduling.prefix_index import PrefixIndex
@@ -35,14 +39,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     max_model_len = settings.max_model_len or min(context_length(source), 8192)
     channels = ChannelPool()
     index = PrefixIndex()
-    registry = StaticRegistry(
-        channels,
-        settings.prefill,
-        settings.decode,
-        settings.health_interval_s,
-        model_id=source.model_id,
-        watcher=KVEventWatcher(channels, index),
-    )
+    if settings.registry:
+        client = open_redis(settings.registry)
+        discovery: StaticDiscovery = RedisDiscovery(
+            client, RegistryKeys(settings.registry_prefix), settings.prefill, settings.decode
+        )
+        watcher: KVEventWatcher = RedisKVEventWatcher(channels, index, client)
+    else:
+        discovery = StaticDiscovery(settings.prefill, settings.decode)
+        watcher = KVEventWatcher(channels, index)
+    registry = WorkerRegistry(channels, discovery, settings.health_interval_s, source.model_id, watcher)
     scheduler = Scheduler(load_config(settings.scheduler_config), index)
     orchestrator = Orchestrator(registry, channels, settings, scheduler)
     preparer = Preparer(tokenizer, {model_name, source.model_id}, max_model_len, settings)
@@ -50,6 +56,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
+        if settings.registry:
+            await check_redis(client, settings.registry)
         await registry.start()
         yield
         await registry.stop()
@@ -104,9 +112,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         pools = {}
         for role in ("prefill", "decode"):
             members = [w for w in registry.workers.values() if w.role == role]
-            pools[role] = [w for w in members if w.healthy and w.address not in errors]
+            draining = [w for w in members if w.healthy and w.stats and w.stats.draining]
+            pools[role] = [w for w in members if w.healthy and w.address not in errors and w not in draining]
             detail[role] = {
                 "healthy": [w.worker_id for w in pools[role]],
+                "draining": [w.worker_id for w in draining],
                 "down": {w.address: w.error for w in members if not w.healthy},
                 "incompatible": {w.address: errors[w.address] for w in members if w.address in errors},
             }

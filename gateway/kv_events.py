@@ -1,7 +1,9 @@
-"""Follows every worker's KV events (WorkerService.WatchEvents) into the gateway's prefix index.
+"""Follows every worker's KV events into the gateway's prefix index.
 
-A stream opens where the index left off; a snapshot replaces the view; a gap (a sequence number
-skipped) drops the stream and reopens it from 0, which makes the worker send a fresh snapshot.
+`KVEventWatcher` reads each worker's own `WatchEvents` gRPC stream. A stream opens where the
+index left off; a snapshot replaces the view; a gap (a sequence number skipped) drops the stream
+and reopens it from 0, which makes the worker send a fresh snapshot. (With a Redis registry,
+`gateway.kv_event_stream` reads the same events from Redis Streams instead.)
 """
 
 from __future__ import annotations
@@ -9,42 +11,81 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine, Iterable
 
 import grpc
 
+from common.kv.events import KVEvent
 from common.rpc import worker_pb2, worker_pb2_grpc
 from common.rpc.channels import ChannelPool
+from gateway.metrics import KV_EVENT_RESYNCS
 from gateway.scheduling.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
 _RETRY_S = 1.0
 
 
+async def fetch_snapshot(channels: ChannelPool, address: str, timeout: float = 10.0) -> tuple[list[int], int]:
+    """The worker's cached block hashes and the event seq they are current to."""
+    stub = worker_pb2_grpc.WorkerServiceStub(channels.get(address))
+    call = stub.WatchEvents(worker_pb2.WatchEventsRequest(after_seq=0), timeout=timeout)
+    try:
+        async for batch in call:
+            if batch.snapshot:
+                return list(batch.snapshot_hashes), batch.last_seq
+    finally:
+        call.cancel()
+    raise ConnectionError(f"worker {address} ended its event stream without a snapshot")
+
+
 class KVEventWatcher:
     def __init__(self, channels: ChannelPool, index: PrefixIndex) -> None:
         self.channels = channels
         self.index = index
-        self._tasks: dict[str, asyncio.Task] = {}
+        self._tasks: dict[str, tuple[str, asyncio.Task]] = {}  # worker id -> (source, task)
         self.resyncs = 0
 
-    def watch(self, worker_id: str, address: str) -> None:
-        task = self._tasks.get(worker_id)
-        if task is None or task.done():
-            self._tasks[worker_id] = asyncio.get_running_loop().create_task(self._follow(worker_id, address))
+    def watch(self, worker_id: str, address: str, stream: str = "") -> None:
+        """Follow this worker's events (idempotent). A new stream for a known worker id (it restarted)
+        replaces the old one and its view."""
+        source, task = self._tasks.get(worker_id, ("", None))
+        if task is not None and not task.done() and source == stream:
+            return
+        if task is not None:
+            self.unwatch(worker_id)
+        coro = self._follower(worker_id, address, stream)
+        self._tasks[worker_id] = (stream, asyncio.get_running_loop().create_task(coro))
 
     def unwatch(self, worker_id: str) -> None:
-        task = self._tasks.pop(worker_id, None)
+        _, task = self._tasks.pop(worker_id, ("", None))
         if task is not None:
             task.cancel()
         self.index.forget(worker_id)
 
+    def watching(self) -> set[str]:
+        return set(self._tasks)
+
     async def stop(self) -> None:
-        for task in self._tasks.values():
+        tasks = [t for _, t in self._tasks.values()]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks.values():
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+
+    def apply(self, worker_id: str, events: Iterable[KVEvent]) -> bool:
+        """Apply events in order; on a gap, count a resync and return False (the caller resyncs)."""
+        if all(self.index.apply(worker_id, e.seq, e.kind, e.block_hash) for e in events):
+            return True
+        self.resyncs += 1
+        KV_EVENT_RESYNCS.inc()
+        log.info("KV event gap from %s; resyncing from a snapshot", worker_id)
+        return False
+
+    def _follower(self, worker_id: str, address: str, stream: str) -> Coroutine[None, None, None]:
+        """The task that follows one worker: here always its gRPC event stream."""
+        return self._follow(worker_id, address)
 
     async def _follow(self, worker_id: str, address: str) -> None:
         stub = worker_pb2_grpc.WorkerServiceStub(self.channels.get(address))
@@ -56,9 +97,7 @@ class KVEventWatcher:
                     if batch.snapshot:
                         self.index.snapshot(worker_id, batch.snapshot_hashes, batch.last_seq)
                         continue
-                    if not all(self.index.apply(worker_id, e.seq, e.kind, e.block_hash) for e in batch.events):
-                        self.resyncs += 1
-                        log.info("KV event gap from %s; resyncing from a snapshot", worker_id)
+                    if not self.apply(worker_id, (KVEvent(e.seq, e.kind, e.block_hash) for e in batch.events)):
                         pause = 0.0
                         break
             except grpc.aio.AioRpcError as e:

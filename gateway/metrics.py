@@ -25,3 +25,6 @@ PREFIX_TOKENS = Counter(
     "Prompt tokens the scheduler predicted cached on the chosen worker, and those the worker reported",
     ["kind"],
 )
+KV_EVENT_RESYNCS = Counter(
+    "kvrelay_gateway_kv_event_resyncs_total", "Prefix-index views rebuilt from a snapshot after an event gap"
+)

@@ -20,7 +20,7 @@ from common.rpc.convert import params_to_proto
 from common.settings import GatewaySettings
 from gateway.errors import APIError, from_grpc
 from gateway.metrics import DECISIONS, PREFIX_TOKENS
-from gateway.registry import StaticRegistry
+from gateway.registry import WorkerRegistry
 from gateway.scheduling.scheduler import NoCandidateError, Scheduler
 from gateway.scheduling.types import RequestInfo
 
@@ -51,7 +51,7 @@ class Route:
 
 class Orchestrator:
     def __init__(
-        self, registry: StaticRegistry, channels: ChannelPool, settings: GatewaySettings, scheduler: Scheduler
+        self, registry: WorkerRegistry, channels: ChannelPool, settings: GatewaySettings, scheduler: Scheduler
     ) -> None:
         self.registry = registry
         self.channels = channels

@@ -1,5 +1,6 @@
-"""The gateway's view of its workers: a static list of addresses, polled for Stats so that only
-workers that answer take traffic. (The Redis-backed registry plugs in behind the same methods.)"""
+"""The gateway's view of its workers: who exists (from a discovery source: a fixed list or the
+Redis registry), polled for Stats so that only workers that answer, and are not draining, take
+traffic. Workers that leave the registry are dropped along with their prefix-index view."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import grpc
 
 from common.rpc import types_pb2, worker_pb2, worker_pb2_grpc
 from common.rpc.channels import ChannelPool
+from gateway.discovery import Member, StaticDiscovery
 from gateway.kv_events import KVEventWatcher
 from gateway.scheduling.types import Candidate
 
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 class WorkerState:
     address: str
     role: str  # configured role; Stats must agree
+    events_stream: str = ""
     healthy: bool = False
     stats: worker_pb2.StatsResponse | None = None
     last_seen: float = 0.0
@@ -39,6 +42,7 @@ class WorkerState:
             address=self.address,
             role=self.role,
             healthy=self.healthy,
+            draining=s.draining if s else False,
             layout_ok=layout_error is None,
             waiting=s.waiting if s else 0,
             running=s.running if s else 0,
@@ -49,19 +53,15 @@ class WorkerState:
 
 
 @dataclass
-class StaticRegistry:
+class WorkerRegistry:
     channels: ChannelPool
-    prefill: list[str]
-    decode: list[str]
+    discovery: StaticDiscovery
     interval_s: float = 1.0
     model_id: str = ""
     watcher: KVEventWatcher | None = None
     workers: dict[tuple[str, str], WorkerState] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for role, addrs in (("prefill", self.prefill), ("decode", self.decode)):
-            for a in addrs:
-                self.workers[(role, a)] = WorkerState(a, role)
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -75,6 +75,7 @@ class StaticRegistry:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self.discovery.close()
 
     def healthy(self, role: str) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.role == role and w.healthy]
@@ -106,11 +107,27 @@ class StaticRegistry:
         return errors
 
     async def poll_once(self) -> None:
+        await self._reconcile(await self.discovery.members())
         await asyncio.gather(*(self._probe(w) for w in self.workers.values()))
         if self.watcher is not None:
             for w in self.workers.values():
                 if w.healthy and w.stats:
-                    self.watcher.watch(w.worker_id, w.address)
+                    self.watcher.watch(w.worker_id, w.address, w.events_stream)
+
+    async def _reconcile(self, members: list[Member]) -> None:
+        wanted = {(m.role, m.address): m for m in members}
+        for key in list(self.workers):
+            if key not in wanted:
+                gone = self.workers.pop(key)
+                log.info("%s worker %s (%s) left the registry", gone.role, gone.worker_id, gone.address)
+                if self.watcher is not None and gone.stats:
+                    self.watcher.unwatch(gone.worker_id)
+        for key, m in wanted.items():
+            w = self.workers.get(key)
+            if w is None:
+                self.workers[key] = WorkerState(m.address, m.role, m.events_stream)
+            elif w.events_stream != m.events_stream:
+                w.events_stream = m.events_stream  # restarted at the same address
 
     async def _poll_forever(self) -> None:
         while True:
@@ -129,6 +146,8 @@ class StaticRegistry:
         if stats.role != w.role:
             w.healthy, w.error = False, f"configured as {w.role} but reports role {stats.role!r}"
             return
+        if w.stats is not None and w.stats.worker_id != stats.worker_id and self.watcher is not None:
+            self.watcher.unwatch(w.stats.worker_id)  # a new process at the same address
         if not w.healthy:
             log.info("%s worker %s (%s) is up", w.role, stats.worker_id, w.address)
         w.healthy, w.stats, w.last_seen, w.error = True, stats, time.time(), None

@@ -73,6 +73,7 @@ class Responder:
             "X-Kvrelay-Decision": route.reason,
             "X-Kvrelay-Prefill": route.prefill or "",
             "X-Kvrelay-Decode": route.decode,
+            "X-Kvrelay-Predicted-Cached-Tokens": str(route.predicted_cached_tokens),
         }
         # Wait for the first token before answering, so that early failures get a proper HTTP status.
         first = await anext(deltas)

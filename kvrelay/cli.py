@@ -26,6 +26,7 @@ def up(
     host: str = typer.Option("127.0.0.1", help="address every process listens on"),
     base_port: int = typer.Option(None, help="first worker gRPC port (default 50051; decode from +10)"),
     log_dir: str = typer.Option(None, help="write each process's log here"),
+    registry: str = typer.Option(None, help="redis:// URL: workers register there and the gateway discovers them"),
 ) -> None:
     """Start a gateway and its workers as separate processes on this machine."""
     from kvrelay.launcher import up as run_up
@@ -34,7 +35,7 @@ def up(
         raise typer.BadParameter("at least one decode worker is needed", param_hint="--decode")
     if transfer not in ("grpc", "nixl"):
         raise typer.BadParameter("use grpc or nixl", param_hint="--transfer")
-    raise typer.Exit(run_up(port, prefill, decode, transfer, model, host, base_port, log_dir))
+    raise typer.Exit(run_up(port, prefill, decode, transfer, model, host, base_port, log_dir, registry))
 
 
 @app.command()

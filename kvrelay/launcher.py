@@ -59,12 +59,13 @@ class Cluster:
     host: str = "127.0.0.1"
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
     log_dir: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # for every process started
 
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         out = open(os.path.join(self.log_dir, f"{name}.log"), "wb") if self.log_dir else None  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "kvrelay.cli", *args],
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **self.env, **(env or {})},
             stdout=out or subprocess.DEVNULL,
             stderr=subprocess.STDOUT if out else None,
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - single-threaded at this point
@@ -141,6 +142,7 @@ def up(
     host: str,
     base_port: int | None,
     log_dir: str | None,
+    registry: str | None = None,
 ) -> int:
     plan = divide_cores(os.cpu_count() or 1, prefill, decode)
     print(f"kvrelay up: {plan.note}", flush=True)
@@ -153,17 +155,23 @@ def up(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # With a registry, workers announce themselves and the gateway finds them there.
+    reg = ["--registry", registry] if registry else []
     try:
         p_addrs = [
-            cluster.worker("prefill", (base_port or 50051) + i, plan.prefill_threads, model) for i in range(prefill)
+            cluster.worker("prefill", (base_port or 50051) + i, plan.prefill_threads, model, reg)
+            for i in range(prefill)
         ]
         d_addrs = [
             cluster.worker(
-                "decode", (base_port or 50051) + 10 + i, plan.decode_threads, model, ["--transfer", transfer]
+                "decode", (base_port or 50051) + 10 + i, plan.decode_threads, model, ["--transfer", transfer, *reg]
             )
             for i in range(decode)
         ]
-        url = cluster.gateway(port, p_addrs, d_addrs, model, transfer)
+        if registry:
+            url = cluster.gateway(port, [], [], model, transfer, reg)
+        else:
+            url = cluster.gateway(port, p_addrs, d_addrs, model, transfer)
         want = "disaggregated" if prefill else "colocated"
         deadline = time.monotonic() + 300
         while not stop:

@@ -10,6 +10,7 @@ import typer
 
 from common.settings import GatewaySettings, WorkerSettings, load_settings
 
+REGISTRY = typer.Option(None, help="redis://host:port URL of the worker registry (default: none)")
 CONFIG = typer.Option(None, "--config", help="YAML settings file (flags and KVRELAY_* env override it)")
 
 
@@ -39,6 +40,7 @@ def register(app: typer.Typer) -> None:
         kv_cache_mb: int = typer.Option(None, help="KV cache size"),
         block_size: int = typer.Option(None, help="tokens per KV block (default 16)"),
         worker_id: str = typer.Option(None),
+        registry: str = REGISTRY,
         config: Path = CONFIG,
         log_level: str = typer.Option("info"),
     ) -> None:
@@ -54,6 +56,7 @@ def register(app: typer.Typer) -> None:
             kv_cache_mb=kv_cache_mb,
             block_size=block_size,
             worker_id=worker_id,
+            registry=registry,
         )
 
     @app.command()
@@ -66,6 +69,7 @@ def register(app: typer.Typer) -> None:
         block_size: int = typer.Option(None, help="tokens per KV block (default 16)"),
         transfer: str = typer.Option(None, help="grpc or nixl: how KV is pulled"),
         worker_id: str = typer.Option(None),
+        registry: str = REGISTRY,
         config: Path = CONFIG,
         log_level: str = typer.Option("info"),
     ) -> None:
@@ -82,6 +86,7 @@ def register(app: typer.Typer) -> None:
             block_size=block_size,
             transfer=transfer,
             worker_id=worker_id,
+            registry=registry,
         )
 
     @app.command()
@@ -93,6 +98,7 @@ def register(app: typer.Typer) -> None:
         decode: list[str] = typer.Option(None, help="decode worker address host:port (repeat)"),
         transfer: str = typer.Option(None, help="grpc or nixl"),
         scheduler_config: str = typer.Option(None, help="scheduler YAML: profiles, scorer weights, decider"),
+        registry: str = REGISTRY,
         config: Path = CONFIG,
         log_level: str = typer.Option("info"),
     ) -> None:
@@ -108,6 +114,7 @@ def register(app: typer.Typer) -> None:
             decode=decode or None,
             transfer=transfer,
             scheduler_config=scheduler_config,
+            registry=registry,
         )
         from gateway.server import serve
 

@@ -177,6 +177,7 @@ class LLMEngine:
             "waiting": len(self.scheduler.waiting),
             "running": len(self.scheduler.running),
             "pinned": sum(s.status is SeqStatus.PINNED for s in self.seqs.values()),
+            "sequences": len(self.seqs),  # everything holding engine state, imports included
             "free_blocks": self.blocks.num_free_blocks,
             "total_blocks": self.blocks.num_blocks,
             "cached_blocks": self.blocks.num_cached_blocks,

@@ -26,7 +26,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("worker_id", "role", "model_id", "layout", "waiting", "running", "pinned", "free_blocks", "total_blocks", "cached_blocks", "prefix_query_tokens", "prefix_hit_tokens", "transfer_backends", "transfer_endpoint", "max_model_len")
+    __slots__ = ("worker_id", "role", "model_id", "layout", "waiting", "running", "pinned", "free_blocks", "total_blocks", "cached_blocks", "prefix_query_tokens", "prefix_hit_tokens", "transfer_backends", "transfer_endpoint", "max_model_len", "draining")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class StatsResponse(_message.Message):
     TRANSFER_BACKENDS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     model_id: str
@@ -57,7 +58,8 @@ class StatsResponse(_message.Message):
     transfer_backends: _containers.RepeatedScalarFieldContainer[str]
     transfer_endpoint: str
     max_model_len: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., model_id: _Optional[str] = ..., layout: _Optional[_Union[_types_pb2.KVLayout, _Mapping]] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., pinned: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., transfer_backends: _Optional[_Iterable[str]] = ..., transfer_endpoint: _Optional[str] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+    draining: bool
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., model_id: _Optional[str] = ..., layout: _Optional[_Union[_types_pb2.KVLayout, _Mapping]] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., pinned: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., transfer_backends: _Optional[_Iterable[str]] = ..., transfer_endpoint: _Optional[str] = ..., max_model_len: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class WatchEventsRequest(_message.Message):
     __slots__ = ("after_seq",)

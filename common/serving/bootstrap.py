@@ -15,8 +15,10 @@ from common.engine.async_engine import AsyncEngine
 from common.engine.factory import build_engine
 from common.rpc import worker_pb2_grpc
 from common.rpc.channels import CHANNEL_OPTIONS
+from common.serving.drain import drain
 from common.serving.grpc_errors import ErrorInterceptor
 from common.serving.metrics import serve_metrics
+from common.serving.presence import RegistryPresence
 from common.serving.worker_servicer import WorkerIdentity, WorkerServicer
 from common.settings import WorkerSettings
 
@@ -35,7 +37,8 @@ async def run_worker(settings: WorkerSettings, add_services: AddServices, backen
         transfer_backends=backends,
     )
     server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(runner, identity), server)
+    servicer = WorkerServicer(runner, identity)
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     extra = add_services(server, runner, identity)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
@@ -43,6 +46,7 @@ async def run_worker(settings: WorkerSettings, add_services: AddServices, backen
     metrics_port = settings.metrics_port if settings.metrics_port is not None else settings.port + 1000
     serve_metrics(engine, settings.role, settings.host, metrics_port)
     await server.start()
+    presence = await RegistryPresence.open(settings, identity, engine) if settings.registry else None
     log.info(
         "%s worker %s serving %s on %s:%d (metrics :%d, transfer %s)",
         settings.role,
@@ -58,8 +62,8 @@ async def run_worker(settings: WorkerSettings, add_services: AddServices, backen
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("%s worker %s stopping: finishing in-flight requests", settings.role, identity.worker_id)
-    await server.stop(grace=10.0)
+    log.info("%s worker %s stopping", settings.role, identity.worker_id)
+    await drain(settings, servicer, runner, server, presence)
     close = getattr(extra, "close", None)
     if close is not None:
         result = close()

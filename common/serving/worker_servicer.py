@@ -27,6 +27,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, engine: AsyncEngine, identity: WorkerIdentity) -> None:
         self.engine = engine
         self.identity = identity
+        self.draining = False  # reported in Stats: gateways stop choosing this worker
+        self.closing = asyncio.Event()  # ends the event streams so the server can stop
 
     async def Health(self, request, context):  # noqa: N802, ANN001, ANN201 - gRPC names
         return worker_pb2.HealthResponse(ok=True, worker_id=self.identity.worker_id, role=self.identity.role)
@@ -50,6 +52,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             transfer_backends=list(self.identity.transfer_backends),
             transfer_endpoint=self.identity.address,
             max_model_len=eng.max_model_len,
+            draining=self.draining,
         )
 
     async def WatchEvents(  # noqa: N802
@@ -64,7 +67,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 lambda: (self.engine.engine.blocks.cached_block_hashes(), log.last_seq)
             )
             yield worker_pb2.KVEventBatch(snapshot=True, snapshot_hashes=hashes, last_seq=after)
-        while not context.cancelled():
+        while not context.cancelled() and not self.closing.is_set():
             events = log.since(after)
             if events:
                 after = events[-1].seq

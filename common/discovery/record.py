@@ -1,0 +1,51 @@
+"""What a worker announces about itself in the registry, and where in Redis it lives.
+
+Keys (all under one prefix, "kvrelay" by default):
+  {prefix}:worker:{worker_id}                  JSON WorkerRecord, expires unless heartbeats renew it
+  {prefix}:kv-events:{worker_id}:{incarnation} Redis Stream of the worker's KV block events
+A restarted worker gets a new incarnation, hence a fresh stream, so readers never mistake its
+restarted sequence numbers for replays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class WorkerRecord(BaseModel):
+    worker_id: str = Field(min_length=1)
+    role: Literal["prefill", "decode"]
+    address: str = Field(min_length=3)
+    model_id: str
+    layout: dict[str, str | int]
+    total_blocks: int = Field(ge=0)
+    max_model_len: int = Field(ge=0)
+    transfer_backends: list[str]
+    incarnation: str = Field(min_length=1)
+    started_at: float
+    events_stream: str = ""
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> WorkerRecord:
+        return cls.model_validate_json(raw)
+
+
+@dataclass(frozen=True)
+class RegistryKeys:
+    prefix: str = "kvrelay"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    @property
+    def worker_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"
+
+    def events(self, worker_id: str, incarnation: str) -> str:
+        return f"{self.prefix}:kv-events:{worker_id}:{incarnation}"

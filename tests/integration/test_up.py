@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
+import redis
 
 from kvrelay.launcher import divide_cores, free_port
 
@@ -44,8 +46,10 @@ def test_core_division():
     assert divide_cores(8, 0, 2).decode_threads == 4
 
 
-def test_up_serves_and_stops_cleanly(tiny_dir, tmp_path):
+@pytest.mark.parametrize("with_registry", [False, True], ids=["static", "redis"])
+def test_up_serves_and_stops_cleanly(tiny_dir, tmp_path, request, with_registry):
     port = free_port()
+    registry = ["--registry", request.getfixturevalue("redis_url")] if with_registry else []
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -60,6 +64,7 @@ def test_up_serves_and_stops_cleanly(tiny_dir, tmp_path):
             tiny_dir,
             "--log-dir",
             str(tmp_path),
+            *registry,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -83,10 +88,15 @@ def test_up_serves_and_stops_cleanly(tiny_dir, tmp_path):
             json={"model": Path(tiny_dir).name, "prompt": "hello", "max_tokens": 4},
         )
         assert r.status_code == 200, r.text
+        if with_registry:
+            records = redis.Redis.from_url(registry[1]).keys("kvrelay:worker:*")
+            assert len(records) == 2, "both workers registered, and the gateway found them there"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         time.sleep(0.5)
         assert not [k for k in kids if alive(k)], "kvrelay up left processes behind"
+        if with_registry:
+            assert not redis.Redis.from_url(registry[1]).keys("kvrelay:*"), "workers deregister as they stop"
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -46,3 +46,12 @@ def test_cli_flags_left_unset_do_not_override_env(monkeypatch):
     """The role commands pass None for flags not given, so KVRELAY_PORT wins over the built-in default."""
     monkeypatch.setenv("KVRELAY_PORT", "4321")
     assert load_settings(WorkerSettings, role="prefill", port=None).port == 4321
+
+
+def test_registry_settings(monkeypatch):
+    monkeypatch.setenv("KVRELAY_REGISTRY", "redis://127.0.0.1:6390/0")
+    s = load_settings(WorkerSettings, role="decode")
+    assert s.registry == "redis://127.0.0.1:6390/0" and s.heartbeat_s < s.registry_ttl_s
+    assert load_settings(GatewaySettings).registry == "redis://127.0.0.1:6390/0"
+    with pytest.raises(ValidationError, match="heartbeat_s"):
+        load_settings(WorkerSettings, heartbeat_s=5.0, registry_ttl_s=2.0)

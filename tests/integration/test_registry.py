@@ -1,0 +1,255 @@
+"""Worker pools that grow and shrink through the Redis registry, with real processes and a real
+redis-server: a worker joins and takes traffic; workers drain under load with no failed request;
+two gateways share KV events and route a prefix alike, and one resyncs after losing events; a
+restarted gateway finds the workers and their caches again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+import redis
+
+from common.discovery.record import RegistryKeys, WorkerRecord
+from kvrelay.launcher import Cluster, free_port
+from tests.integration.conftest import assert_workers_clean, force_pd_config
+
+KEYS = RegistryKeys()
+PREFIX = [(7 * i) % 250 + 1 for i in range(96)]  # 6 full blocks of 16
+
+
+@dataclass
+class RegCluster:
+    cluster: Cluster
+    redis_url: str
+    model: str
+    log_dir: str
+    prefill: list[str] = field(default_factory=list)
+    decode: list[str] = field(default_factory=list)
+    gateways: list[str] = field(default_factory=list)
+
+    def add_worker(self, role: str) -> str:
+        extra = ["--registry", self.redis_url, "--log-level", "info"]
+        extra += ["--transfer", "grpc"] if role == "decode" else []
+        addr = self.cluster.worker(role, free_port(), 1, self.model, extra)
+        (self.prefill if role == "prefill" else self.decode).append(addr)
+        return addr
+
+    def add_gateway(self) -> str:
+        extra = ["--registry", self.redis_url, "--scheduler-config", force_pd_config(self.log_dir)]
+        url = self.cluster.gateway(free_port(), [], [], self.model, "grpc", extra)
+        self.gateways.append(url)
+        return url
+
+    def proc(self, name_prefix: str):  # noqa: ANN201
+        return next(p for n, p in self.cluster.procs if n.startswith(name_prefix))
+
+    def wait_pools(self, url: str, prefill: int, decode: int, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.cluster.check_alive()
+            try:
+                ready = httpx.get(f"{url}/ready", timeout=2).json()
+                w = ready.get("workers", {})
+                if len(w["prefill"]["healthy"]) == prefill and len(w["decode"]["healthy"]) == decode:
+                    return ready
+            except (httpx.HTTPError, KeyError, json.JSONDecodeError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} never saw {prefill}+{decode} workers")
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def reg_cluster(redis_url, tiny_dir, tmp_path) -> Iterator:
+    clusters: list[RegCluster] = []
+
+    def make(prefill: int, decode: int, gateways: int = 1) -> RegCluster:
+        c = RegCluster(Cluster(log_dir=str(tmp_path)), redis_url, tiny_dir, str(tmp_path))
+        clusters.append(c)
+        for _ in range(prefill):
+            c.add_worker("prefill")
+        for _ in range(decode):
+            c.add_worker("decode")
+        for _ in range(gateways):
+            c.wait_pools(c.add_gateway(), prefill, decode, timeout=120)
+        return c
+
+    yield make
+    for c in clusters:
+        c.cluster.stop()
+
+
+def complete(url: str, prompt: list[int], max_tokens: int = 2) -> httpx.Response:
+    model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+    r = httpx.post(
+        f"{url}/v1/completions",
+        timeout=60,
+        json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+    )
+    assert r.status_code == 200, r.text
+    return r
+
+
+def cached(r: httpx.Response) -> tuple[int, int]:
+    """(predicted by the gateway, reported by the worker) cached prompt tokens."""
+    return int(r.headers["x-kvrelay-predicted-cached-tokens"]), r.json()["usage"]["prompt_tokens_details"][
+        "cached_tokens"
+    ]
+
+
+def wait_for(check, timeout: float = 10.0, what: str = "condition") -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_a_new_worker_registers_and_takes_traffic(reg_cluster):
+    c = reg_cluster(prefill=1, decode=1)
+    url = c.gateways[0]
+    r = redis.Redis.from_url(c.redis_url)
+    assert len(list(r.scan_iter(KEYS.worker_pattern))) == 2
+    new = c.add_worker("decode")
+    t0 = time.monotonic()
+    c.wait_pools(url, 1, 2, timeout=60)
+    joined_s = time.monotonic() - t0
+
+    async def burst() -> list[str]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
+            body = {"model": model, "prompt": "tell me", "max_tokens": 24, "ignore_eos": True}
+            rs = await asyncio.gather(*(client.post(f"{url}/v1/completions", json=body) for _ in range(8)))
+        assert all(x.status_code == 200 for x in rs), [x.text for x in rs]
+        return [x.headers["x-kvrelay-decode"] for x in rs]
+
+    used = asyncio.run(burst())
+    assert new in used, f"the new decode worker took no traffic ({joined_s:.1f}s after start): {used}"
+    asyncio.run(assert_workers_clean(c.prefill + c.decode))
+
+
+def test_workers_drain_under_load_without_failures(reg_cluster):
+    """SIGTERM one prefill and one decode worker while requests stream: every request succeeds,
+    both exit 0 after deregistering, and the survivors serve what follows."""
+    c = reg_cluster(prefill=2, decode=2)
+    url = c.gateways[0]
+    victims = [("prefill", c.prefill[0]), ("decode", c.decode[0])]
+    procs = {a: c.proc(f"{role}-{a.rsplit(':', 1)[1]}") for role, a in victims}
+    results: list[tuple[int, str | None, str]] = []
+
+    async def load(stop: asyncio.Event) -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
+
+            async def one(i: int) -> None:
+                body = {"model": model, "prompt": f"request {i}", "max_tokens": 32, "ignore_eos": True}
+                if i % 2:
+                    r = await client.post(f"{url}/v1/completions", json=body)
+                    fin = r.json()["choices"][0]["finish_reason"] if r.status_code == 200 else r.text
+                    results.append((r.status_code, fin, r.headers.get("x-kvrelay-decode", "")))
+                    return
+                fin = None
+                async with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            fin = json.loads(line[6:])["choices"][0]["finish_reason"] or fin
+                    results.append((r.status_code, fin, r.headers.get("x-kvrelay-decode", "")))
+
+            i = 0
+            while not stop.is_set():
+                await asyncio.gather(*(one(i + k) for k in range(4)))
+                i += 4
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(load(stop))
+        await asyncio.sleep(2.0)
+        for p in procs.values():
+            p.send_signal(signal.SIGTERM)
+        for _ in range(300):
+            if all(p.poll() is not None for p in procs.values()):
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await task
+
+    asyncio.run(scenario())
+    assert [p.returncode for p in procs.values()] == [0, 0]
+    failed = [x for x in results if x[0] != 200 or x[1] != "length"]
+    assert not failed and len(results) >= 8, f"{len(failed)} of {len(results)} failed: {failed[:3]}"
+    rc = redis.Redis.from_url(c.redis_url)
+    left = {WorkerRecord.decode(rc.get(k)).address for k in rc.scan_iter(KEYS.worker_pattern)}
+    assert left == {c.prefill[1], c.decode[1]}, "the drained workers must have deregistered"
+    after = complete(url, [5, 6, 7], max_tokens=4)
+    assert after.headers["x-kvrelay-decode"] == c.decode[1]
+    asyncio.run(assert_workers_clean([c.prefill[1], c.decode[1]]))
+
+
+def test_two_gateways_route_alike_and_a_lagging_one_resyncs(reg_cluster):
+    c = reg_cluster(prefill=2, decode=1, gateways=2)
+    a, b = c.gateways
+    first = complete(a, PREFIX + [1, 2, 3])
+    owner = first.headers["x-kvrelay-prefill"]
+    time.sleep(1.5)  # the stored-block events reach both gateways through Redis
+
+    for k in range(3):  # gateway B never saw these requests, only their KV events
+        r = complete(b, PREFIX + [10 + k])
+        assert r.headers["x-kvrelay-prefill"] == owner
+        assert cached(r) == (96, 96)
+
+    # Gateway A freezes. A blocked stream read it had already issued still receives the next entry
+    # (into its socket); the entries after that are trimmed away before it can read them.
+    gw_a = c.proc(f"gateway-{a.rsplit(':', 1)[1]}")
+    other = [(11 * i) % 250 + 1 for i in range(96)]
+    grown = [(13 * i) % 250 + 1 for i in range(16)]  # a 7th block after `other`
+    gw_a.send_signal(signal.SIGSTOP)
+    try:
+        moved = complete(b, other + [1])
+        owner2 = moved.headers["x-kvrelay-prefill"]
+        time.sleep(0.5)
+        assert complete(b, other + grown + [1]).headers["x-kvrelay-prefill"] == owner2
+        time.sleep(0.5)
+        rc = redis.Redis.from_url(c.redis_url)
+        for key in rc.scan_iter(f"{KEYS.prefix}:kv-events:*"):
+            rc.xtrim(key, maxlen=0)
+        # new events on the same worker, after the hole
+        assert complete(b, other + grown[::-1] + [1]).headers["x-kvrelay-prefill"] == owner2
+        time.sleep(0.5)
+    finally:
+        gw_a.send_signal(signal.SIGCONT)
+
+    def resynced() -> bool:
+        m = httpx.get(f"{a}/metrics").text
+        line = next(x for x in m.splitlines() if x.startswith("kvrelay_gateway_kv_event_resyncs_total "))
+        return float(line.split()[1]) >= 1
+
+    wait_for(resynced, 15, "gateway A to detect the gap and resync")
+    time.sleep(0.5)
+    r = complete(a, other + grown + [2, 3])
+    assert r.headers["x-kvrelay-prefill"] == owner2
+    assert cached(r) == (112, 112), "after the resync, gateway A knows the block it never saw an event for"
+    asyncio.run(assert_workers_clean(c.prefill + c.decode))
+
+
+def test_registry_survives_a_gateway_restart(reg_cluster):
+    c = reg_cluster(prefill=2, decode=1)
+    first = complete(c.gateways[0], PREFIX + [1])
+    gw = c.proc("gateway-")
+    gw.send_signal(signal.SIGTERM)
+    assert gw.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
+    c.cluster.procs = [(n, p) for n, p in c.cluster.procs if p is not gw]
+    url = c.add_gateway()  # a new gateway given nothing but the registry
+    c.wait_pools(url, 2, 1, timeout=60)
+    time.sleep(1.0)  # its prefix index is rebuilt from the workers' snapshots
+    r = complete(url, PREFIX + [2])
+    assert r.headers["x-kvrelay-prefill"] == first.headers["x-kvrelay-prefill"]
+    assert cached(r) == (96, 96)
+    asyncio.run(assert_workers_clean(c.prefill + c.decode))

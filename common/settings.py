@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from common.config import EngineConfig
+from common.tracing.settings import TracingSettings
 
 S = TypeVar("S", bound=BaseSettings)
 Transfer = Literal["grpc", "nixl"]
@@ -34,6 +35,7 @@ class WorkerSettings(BaseSettings):
         2.5, ge=0, description="on SIGTERM: keep serving this long after deregistering, while gateways notice"
     )
     drain_timeout_s: float = Field(60.0, gt=0, description="on SIGTERM: most time to finish in-flight requests")
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @model_validator(mode="after")
     def _role_port(self) -> WorkerSettings:
@@ -69,6 +71,7 @@ class GatewaySettings(BaseSettings):
     scheduler_config: str | None = Field(None, description="scheduler YAML (profiles, weights); default built in")
     registry: str | None = Field(None, description="redis:// URL: discover workers and share KV events there")
     registry_prefix: str = Field("kvrelay", min_length=1, description="key prefix shared by one deployment")
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
 
 def load_settings(cls: type[S], config_file: str | Path | None = None, **overrides: Any) -> S:

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
 from common.engine.async_engine import AsyncEngine
 from common.engine.outputs import RequestOutput
@@ -20,6 +21,7 @@ from common.serving.metrics import REQUESTS, TRANSFER_BYTES, TRANSFER_FAILURES, 
 from kvtransfer.base import KVTransferClient, release
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
 _PULL_MARGIN_S = 1.0  # leave this much of the lease for the pull itself
 
 
@@ -53,13 +55,31 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             raise KVRelayError(f"transfer backend {kind!r} is not available here; have {sorted(self.transfers)}")
         params = params_from_proto(request.params)
         rid = request.request_id
+        span = trace.get_current_span()
+        t_arrival = time.perf_counter()
         dst = await self._reserve(request, params, handle.lease_deadline_unix)
+        span.set_attributes({"kvrelay.request_id": rid, "kvrelay.queue_seconds": time.perf_counter() - t_arrival})
         try:
-            result = await client.pull(handle, dst, timeout=self.transfer_timeout_s)
-            if not await release(self.channels, handle):
-                raise LeaseExpiredError(
-                    f"the KV lease of {rid!r} expired on {handle.worker_id} before the pull finished; retry"
+            with _tracer.start_as_current_span("kv_transfer") as tspan:
+                tspan.set_attributes(
+                    {
+                        "kvrelay.transfer.backend": kind,
+                        "kvrelay.transfer.source_worker": handle.worker_id,
+                        "kvrelay.transfer.blocks": len(dst),
+                    }
                 )
+                result = await client.pull(handle, dst, timeout=self.transfer_timeout_s)
+                tspan.set_attributes(
+                    {
+                        "kvrelay.transfer.bytes": result.bytes,
+                        "kvrelay.transfer.seconds": result.seconds,
+                        "kvrelay.transfer.gbps": result.bytes / max(result.seconds, 1e-9) / 1e9,
+                    }
+                )
+                if not await release(self.channels, handle):
+                    raise LeaseExpiredError(
+                        f"the KV lease of {rid!r} expired on {handle.worker_id} before the pull finished; retry"
+                    )
         except BaseException:
             TRANSFER_FAILURES.labels(kind).inc()
             await self.engine.abort(rid)
@@ -74,13 +94,22 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             backend=result.backend, blocks=result.blocks, bytes=result.bytes, seconds=result.seconds
         )
         first = True
+        t_decode = time.perf_counter()
+        outputs = 0
         async for out in self.engine.decode_imported(rid):
             chunk = _chunk(out)
             if first:
                 chunk.transfer.CopyFrom(stats)
                 first = False
+            outputs = out.num_output_tokens or outputs
             yield chunk
         REQUESTS.labels("decode", "Decode", "ok").inc()
+        span.set_attributes(
+            {
+                "gen_ai.usage.output_tokens": outputs,
+                "kvrelay.tpot_seconds": (time.perf_counter() - t_decode) / max(1, outputs - 1),
+            }
+        )
 
     async def _reserve(self, request: decode_pb2.DecodeRequest, params, lease_deadline_unix: float) -> list[int]:  # noqa: ANN001
         """Blocks for the incoming KV. When the cache is momentarily full, wait for running requests to
@@ -94,6 +123,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             except MemoryError:
                 if time.time() + delay + _PULL_MARGIN_S >= lease_deadline_unix:
                     raise
+                if delay == 0.01:
+                    trace.get_current_span().add_event("retry", {"kvrelay.retry.reason": "kv_cache_full"})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.2)
 
@@ -103,10 +134,28 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         params = params_from_proto(request.params)
         t0 = time.perf_counter()
         first = True
+        span = trace.get_current_span()
         async for out in self.engine.generate(request.request_id, list(request.token_ids), params):
             if first:
                 TTFT.labels("decode").observe(time.perf_counter() - t0)
+                span.add_event("first_token")
+                span.set_attributes(
+                    {
+                        "kvrelay.request_id": request.request_id,
+                        "kvrelay.queue_seconds": out.queue_seconds or 0.0,
+                        "kvrelay.compute_seconds": out.prefill_seconds or 0.0,
+                        "kvrelay.prefix.actual_cached_tokens": out.num_cached_tokens,
+                    }
+                )
                 first = False
+                t_first = time.perf_counter()
+            if out.finished:
+                span.set_attributes(
+                    {
+                        "gen_ai.usage.output_tokens": out.num_output_tokens,
+                        "kvrelay.tpot_seconds": (time.perf_counter() - t_first) / max(1, out.num_output_tokens - 1),
+                    }
+                )
             yield _chunk(out)
         REQUESTS.labels("decode", "Generate", "ok").inc()
 

@@ -17,6 +17,7 @@ from common.model_source import resolve_model
 from common.rpc.channels import ChannelPool
 from common.settings import GatewaySettings
 from common.tokenizer import Tokenizer
+from common.tracing.setup import init_tracing, shutdown_tracing
 from gateway.discovery import RedisDiscovery, StaticDiscovery
 from gateway.errors import APIError, api_error_handler, unexpected_error_handler
 from gateway.kv_event_stream import RedisKVEventWatcher
@@ -30,9 +31,11 @@ from gateway.scheduling.config import load_config
 from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.scheduler import Scheduler
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.tracing import TracingMiddleware
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
+    init_tracing("kvrelay-gateway", settings.tracing)
     source = resolve_model(settings.model)
     tokenizer = Tokenizer.from_source(source)
     model_name = settings.served_model_name or source.model_id
@@ -62,8 +65,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         yield
         await registry.stop()
         await channels.close()
+        shutdown_tracing()
 
-    app = FastAPI(title="kvrelay gateway", lifespan=lifespan)
+    # FastAPI's own telemetry is off: kvrelay's middleware traces only the API routes, adds X-Trace-Id,
+    # and never records request bodies or validation messages (they can hold prompt text).
+    app = FastAPI(
+        title="kvrelay gateway",
+        lifespan=lifespan,
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
+    )
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
     app.state.registry = registry
@@ -75,6 +85,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         route = request.scope.get("route")
         REQUESTS.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
         return response
+
+    app.add_middleware(TracingMiddleware)  # added last: outermost, so its span covers everything
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:

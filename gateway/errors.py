@@ -22,6 +22,12 @@ class APIError(Exception):
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.worker: str | None = None  # the worker that failed, for errors that come from one
+
+    @property
+    def retryable(self) -> bool:
+        """The worker went away before doing anything for this request: another one can serve it."""
+        return self.code == "worker_unavailable"
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -47,7 +53,9 @@ def from_grpc(err: grpc.aio.AioRpcError, worker: str) -> APIError:
     param = dict(err.trailing_metadata() or ()).get("kvrelay-param") if status == 400 else None
     details = err.details() or err.code().name
     message = details if status == 400 else f"worker {worker}: {details}"
-    return APIError(status, message, type_, param, code)
+    e = APIError(status, message, type_, param, code)
+    e.worker = worker
+    return e
 
 
 async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:

@@ -28,3 +28,6 @@ PREFIX_TOKENS = Counter(
 KV_EVENT_RESYNCS = Counter(
     "kvrelay_gateway_kv_event_resyncs_total", "Prefix-index views rebuilt from a snapshot after an event gap"
 )
+RETRIES = Counter(
+    "kvrelay_gateway_retries_total", "Requests re-routed because a worker was unavailable before the first token"
+)

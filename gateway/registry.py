@@ -77,6 +77,12 @@ class WorkerRegistry:
                 await self._task
         await self.discovery.close()
 
+    def mark_down(self, address: str, reason: str) -> None:
+        """A call to this worker failed as unavailable: stop choosing it until it answers a poll again."""
+        for w in self.workers.values():
+            if w.address == address:
+                w.healthy, w.error = False, reason
+
     def healthy(self, role: str) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.role == role and w.healthy]
 

@@ -4,16 +4,23 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse, StreamingResponse
+from opentelemetry import trace
 
+from common.tracing.setup import capture_content
 from gateway.detokenizer import StreamDetokenizer
-from gateway.metrics import E2E, ROUTED, RUNNING, TPOT, TTFT
-from gateway.orchestrator import Delta, Orchestrator
+from gateway.errors import APIError
+from gateway.metrics import E2E, RETRIES, ROUTED, RUNNING, TPOT, TTFT
+from gateway.orchestrator import Delta, Orchestrator, Route
 from gateway.prepare import Prepared
+
+log = logging.getLogger(__name__)
+_ATTEMPTS = 2
 
 
 @dataclass(frozen=True)
@@ -61,12 +68,28 @@ class Responder:
         self.model_name = model_name
 
     async def respond(self, shape: Shape, request_id: str, prep: Prepared) -> JSONResponse | StreamingResponse:
-        route = self.orchestrator.route(prep.prompt_ids)
-        ROUTED.labels(route.mode).inc()
+        span = trace.get_current_span()
+        self._trace_request(span, shape, request_id, prep)
         t0 = time.perf_counter()
-        deltas = self._timed(
-            self.orchestrator.generate(request_id, prep.prompt_ids, prep.params, route), route.mode, t0
-        )
+        # Wait for the first token before answering, so that early failures get a proper HTTP status.
+        # A worker that went away before producing anything (it stopped, or is draining) costs one
+        # retry on another worker, not the client's request.
+        for attempt in range(_ATTEMPTS):
+            route = self.orchestrator.route(prep.prompt_ids)
+            deltas = self._timed(
+                self.orchestrator.generate(request_id, prep.prompt_ids, prep.params, route), route, t0, prep, span
+            )
+            try:
+                first = await anext(deltas)
+                break
+            except APIError as e:
+                if not e.retryable or attempt + 1 == _ATTEMPTS:
+                    raise
+                log.warning("retrying request %s elsewhere: %s", request_id, e.message)
+                span.add_event("retry", {"kvrelay.retry.reason": e.code or "", "kvrelay.retry.worker": e.worker or ""})
+                RETRIES.inc()
+                self.orchestrator.registry.mark_down(e.worker or "", e.message)
+        ROUTED.labels(route.mode).inc()
         headers = {
             "X-Request-Id": request_id,
             "X-Kvrelay-Mode": route.mode,
@@ -75,8 +98,6 @@ class Responder:
             "X-Kvrelay-Decode": route.decode,
             "X-Kvrelay-Predicted-Cached-Tokens": str(route.predicted_cached_tokens),
         }
-        # Wait for the first token before answering, so that early failures get a proper HTTP status.
-        first = await anext(deltas)
         if prep.stream:
             return StreamingResponse(
                 self._sse(shape, request_id, prep, first, deltas), media_type="text/event-stream", headers=headers
@@ -136,23 +157,66 @@ class Responder:
             yield event([], _usage(last))
         yield "data: [DONE]\n\n"
 
-    async def _timed(self, deltas: AsyncIterator[Delta], mode: str, t0: float) -> AsyncIterator[Delta]:
+    def _trace_request(self, span: trace.Span, shape: Shape, request_id: str, prep: Prepared) -> None:
+        p = prep.params
+        span.set_attributes(
+            {
+                "gen_ai.operation.name": "chat" if shape.kind == "chat" else "text_completion",
+                "gen_ai.request.model": self.model_name,
+                "gen_ai.request.max_tokens": p.max_tokens,
+                "gen_ai.request.temperature": p.temperature,
+                "gen_ai.request.top_p": p.top_p,
+                "gen_ai.usage.input_tokens": len(prep.prompt_ids),
+                "kvrelay.request_id": request_id,
+                "kvrelay.stream": prep.stream,
+            }
+        )
+        if capture_content():
+            span.set_attribute("gen_ai.prompt", self.tokenizer.decode(prep.prompt_ids))
+
+    async def _timed(
+        self, deltas: AsyncIterator[Delta], route: Route, t0: float, prep: Prepared, span: trace.Span
+    ) -> AsyncIterator[Delta]:
+        """Metrics and span attributes of one request, as its tokens pass."""
+        mode = route.mode
         RUNNING.inc()
         first_at = None
-        n = 0
+        ids: list[int] = []
+        last: Delta | None = None
         try:
             async for d in deltas:
                 if first_at is None:
                     first_at = time.perf_counter()
                     TTFT.labels(mode).observe(first_at - t0)
-                n += len(d.token_ids)
+                    span.add_event("first_token", {"kvrelay.ttft_seconds": first_at - t0})
+                ids += d.token_ids
+                last = d
                 yield d
             end = time.perf_counter()
             E2E.labels(mode).observe(end - t0)
-            if first_at is not None and n > 1:
-                TPOT.labels(mode).observe((end - first_at) / (n - 1))
+            tpot = (end - first_at) / (len(ids) - 1) if first_at is not None and len(ids) > 1 else None
+            if tpot is not None:
+                TPOT.labels(mode).observe(tpot)
+            if last is not None:
+                span.set_attributes(_outcome(route, last, len(ids), tpot))
+            if capture_content():
+                span.set_attribute("gen_ai.completion", self.tokenizer.decode(ids))
         finally:
             RUNNING.dec()
+
+
+def _outcome(route: Route, last: Delta, output_tokens: int, tpot: float | None) -> dict:
+    attrs = {
+        "gen_ai.usage.output_tokens": output_tokens,
+        "gen_ai.response.finish_reasons": (last.finish_reason or "unknown",),
+        "kvrelay.mode": route.mode,
+        "kvrelay.prefix.predicted_cached_tokens": route.predicted_cached_tokens,
+        "kvrelay.prefix.actual_cached_tokens": last.cached_tokens,
+        "kvrelay.tpot_seconds": tpot or 0.0,
+    }
+    for k, v in route.transfer.items():
+        attrs[f"kvrelay.transfer.{k}"] = v
+    return attrs
 
 
 async def _achain(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:

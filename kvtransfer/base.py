@@ -15,6 +15,7 @@ from common.kv.layout import KVLayout
 from common.rpc import kv_pb2, kv_pb2_grpc, types_pb2
 from common.rpc.channels import ChannelPool
 from common.rpc.convert import layout_from_proto
+from common.tracing.grpc_context import outgoing_metadata
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,9 @@ def check_handle(local: KVLayout, handle: types_pb2.KVHandle, dst_block_ids: lis
 async def release(channels: ChannelPool, handle: types_pb2.KVHandle, timeout: float = 5.0) -> bool:
     """Unpin the blocks on the prefill side. False if they were no longer pinned (lease expired)."""
     stub = kv_pb2_grpc.KVServiceStub(channels.get(handle.transfer_endpoint))
-    resp = await stub.Release(kv_pb2.ReleaseRequest(request_id=handle.request_id), timeout=timeout)
+    resp = await stub.Release(
+        kv_pb2.ReleaseRequest(request_id=handle.request_id), timeout=timeout, metadata=outgoing_metadata()
+    )
     return resp.released
 
 

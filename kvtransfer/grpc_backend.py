@@ -15,6 +15,7 @@ from common.kv.layout import KVLayout
 from common.rpc import kv_pb2, kv_pb2_grpc, types_pb2
 from common.rpc.channels import ChannelPool
 from common.rpc.convert import layout_to_proto
+from common.tracing.grpc_context import outgoing_metadata
 from kvtransfer.base import TransferResult, check_handle
 
 CHUNK_BYTES = 4 * 2**20
@@ -84,6 +85,7 @@ class GrpcTransferClient:
                 num_blocks=count,
             ),
             timeout=timeout,
+            metadata=outgoing_metadata(),
         )
         received = 0
         writing: asyncio.Future | None = None

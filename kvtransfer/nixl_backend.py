@@ -14,6 +14,7 @@ from common.kv.cache import KVCache
 from common.rpc import kv_pb2, kv_pb2_grpc, types_pb2
 from common.rpc.channels import ChannelPool
 from common.rpc.convert import layout_to_proto
+from common.tracing.grpc_context import outgoing_metadata
 from kvtransfer.base import TransferResult, check_handle
 
 
@@ -113,6 +114,7 @@ class NixlTransferClient:
                 agent_metadata=a.agent.get_agent_metadata(),
             ),
             timeout=timeout,
+            metadata=outgoing_metadata(),
         )
         if resp.agent_name not in self._known:
             a.agent.add_remote_agent(resp.agent_metadata)

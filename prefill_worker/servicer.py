@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
 from common.engine.async_engine import AsyncEngine
 from common.errors import InvalidRequestError
@@ -35,6 +36,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             raise RuntimeError(out.error if out and out.error else "prefill produced no token")
         TTFT.labels("prefill").observe(time.perf_counter() - t0)
         REQUESTS.labels("prefill", "Prefill", "ok").inc()
+        trace.get_current_span().set_attributes(
+            {
+                "kvrelay.request_id": request.request_id,
+                "gen_ai.usage.input_tokens": out.num_prompt_tokens,
+                "kvrelay.prefix.actual_cached_tokens": out.num_cached_tokens,
+                "kvrelay.queue_seconds": out.queue_seconds or 0.0,
+                "kvrelay.compute_seconds": out.prefill_seconds or 0.0,
+            }
+        )
         resp = prefill_pb2.PrefillResponse(
             first_token=out.new_token_ids[0],
             finished=out.finished,

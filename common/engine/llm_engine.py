@@ -260,9 +260,15 @@ class LLMEngine:
             num_output_tokens=len(seq.output_token_ids),
             pinned=pinned,
             text=seq.output_text if seq.params.stop else None,
+            queue_seconds=_since(seq.arrival, seq.first_scheduled_time),
+            prefill_seconds=_since(seq.first_scheduled_time, seq.first_token_time),
         )
 
     def _free(self, seq: Sequence) -> None:
         if seq.block_table:
             self.blocks.free(seq)
         self.runner.sampler.forget(seq.request_id)
+
+
+def _since(start: float | None, end: float | None) -> float | None:
+    return end - start if start is not None and end is not None else None

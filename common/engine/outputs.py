@@ -19,6 +19,8 @@ class RequestOutput:
     pinned: bool = False  # prefill-only: KV blocks are held for a pull (see KVExport)
     text: str | None = None  # output text so far, cut at a stop string (set when stop strings are used)
     error: str | None = None
+    queue_seconds: float | None = None  # arrival to first admission
+    prefill_seconds: float | None = None  # first admission to first token
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ its blocks are freed and it is recomputed later (its prefix is usually still cac
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -84,6 +85,8 @@ class Scheduler:
             self.waiting.popleft()
             self.blocks.allocate(seq)
             seq.status = SeqStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             n = min(seq.num_uncomputed, budget)
             batch.seqs.append((seq, n))

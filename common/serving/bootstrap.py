@@ -21,6 +21,7 @@ from common.serving.metrics import serve_metrics
 from common.serving.presence import RegistryPresence
 from common.serving.worker_servicer import WorkerIdentity, WorkerServicer
 from common.settings import WorkerSettings
+from common.tracing.setup import init_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ AddServices = Callable[[grpc.aio.Server, AsyncEngine, WorkerIdentity], object]
 
 
 async def run_worker(settings: WorkerSettings, add_services: AddServices, backends: tuple[str, ...]) -> None:
+    init_tracing(f"kvrelay-{settings.role}", settings.tracing)
     engine = build_engine(settings.engine)
     runner = AsyncEngine(engine)
     identity = WorkerIdentity(
@@ -70,3 +72,4 @@ async def run_worker(settings: WorkerSettings, add_services: AddServices, backen
         if inspect.isawaitable(result):
             await result
     runner.shutdown()
+    shutdown_tracing()

@@ -1,4 +1,5 @@
-"""One server interceptor that maps kvrelay's errors to gRPC status codes, for every method."""
+"""One server interceptor for every method: it continues the caller's trace in a SERVER span and
+maps kvrelay's errors to gRPC status codes (recorded on the span)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import grpc
 
 from common.errors import CacheFullError, InvalidRequestError, KVRelayError, ModelLoadError, UnknownRequestError
 from common.kv.layout import KVLayoutMismatchError
+from common.tracing.grpc_context import mark_error, server_span
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     if code is grpc.StatusCode.INTERNAL:
         log.exception("unexpected error in a gRPC handler")
     message = str(exc) or type(exc).__name__
+    mark_error(code, message)
     param = getattr(exc, "param", None)
     if param:
         context.set_trailing_metadata((("kvrelay-param", param),))
@@ -53,16 +56,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
+        method = handler_call_details.method
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    return await inner_uu(request, context)
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception as e:
-                    await _abort(context, e)
+                with server_span(method, context):
+                    try:
+                        return await inner_uu(request, context)
+                    except (asyncio.CancelledError, grpc.aio.AbortError):
+                        raise
+                    except Exception as e:
+                        await _abort(context, e)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer
@@ -71,13 +76,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                try:
-                    async for item in inner_us(request, context):
-                        yield item
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception as e:
-                    await _abort(context, e)
+                with server_span(method, context):
+                    try:
+                        async for item in inner_us(request, context):
+                            yield item
+                    except (asyncio.CancelledError, grpc.aio.AbortError):
+                        raise
+                    except Exception as e:
+                        await _abort(context, e)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer

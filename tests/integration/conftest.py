@@ -55,8 +55,11 @@ def start_cluster(
     timeout: float = 120.0,
     force_pd: bool = True,
     want_colocated: bool = False,
+    env: dict[str, str] | None = None,
+    gateway_extra: list[str] | None = None,
 ) -> Running:
-    cluster = Cluster(log_dir=log_dir)
+    env = {"KVRELAY_TRACING__DIR": os.path.join(log_dir, "traces"), **(env or {})}
+    cluster = Cluster(log_dir=log_dir, env=env)
     try:
         p = [cluster.worker("prefill", free_port(), 1, model, prefill_extra) for _ in range(prefill)]
         d = [
@@ -64,6 +67,7 @@ def start_cluster(
             for _ in range(decode)
         ]
         extra = ["--scheduler-config", force_pd_config(log_dir)] if force_pd else []
+        extra += gateway_extra or []
         url = cluster.gateway(free_port(), p, d, model, transfer, extra)
         mode = "disaggregated" if prefill and not want_colocated else "colocated"
         cluster.wait_ready(url, timeout=timeout, want_mode=mode)

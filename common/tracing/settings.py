@@ -1,0 +1,26 @@
+"""Tracing settings, shared by every role (KVRELAY_TRACING__* in the environment)."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def default_trace_dir() -> str:
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "kvrelay", "traces")
+
+
+class TracingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0, description="root sampling ratio; children follow the parent")
+    dir: str = Field(default_factory=default_trace_dir, description="JSON-lines span files, one per process")
+    otlp_endpoint: str | None = Field(
+        None, description="export over OTLP instead of to files (default: $OTEL_EXPORTER_OTLP_ENDPOINT if set)"
+    )
+    otlp_protocol: Literal["grpc", "http"] = "grpc"
+    capture_content: bool = Field(False, description="record prompt and completion text in spans (off: privacy)")

@@ -1,0 +1,145 @@
+"""One trace per request across gateway, scheduling, prefill, KV transfer and decode, read back
+from the span files the processes export; `kvrelay trace`; no prompt text unless opted in."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from common.tracing.jsonl import read_spans
+
+MARKER = "zebra marmalade quartz"
+
+
+def spans_of(trace_dir: str, trace_id: str, services: int = 3, timeout: float = 15.0) -> list[dict]:
+    """The trace's spans once every service has flushed its part (they export in batches)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        spans = [s for s in read_spans(trace_dir) if s["trace_id"] == trace_id]
+        names = {s["name"] for s in spans}
+        if (
+            len({s["service"] for s in spans}) >= services
+            and "DecodeService/Decode" in names
+            and "KVService/Release" in names
+        ):
+            time.sleep(1.5)  # one more export period, for spans still in a batch
+            return [s for s in read_spans(trace_dir) if s["trace_id"] == trace_id]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"trace {trace_id} incomplete after {timeout}s: {sorted(names)}")
+        time.sleep(0.2)
+
+
+def chat(url: str, content: str, headers: dict | None = None, stream: bool = False) -> httpx.Response:
+    model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 6, "stream": stream}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers or {}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def assert_one_tree(spans: list[dict]) -> dict:
+    ids = {s["span_id"] for s in spans}
+    roots = [s for s in spans if s["parent_id"] not in ids]
+    assert len(roots) == 1, f"expected one root, got {[(s['name'], s['service']) for s in roots]}"
+    assert len(ids) == len(spans), "span ids must be unique"
+    return roots[0]
+
+
+def check_disaggregated_trace(spans: list[dict], backend: str) -> None:
+    root = assert_one_tree(spans)
+    assert root["name"] == "POST /v1/chat/completions" and root["service"] == "kvrelay-gateway"
+    assert {s["service"] for s in spans} == {"kvrelay-gateway", "kvrelay-prefill", "kvrelay-decode"}
+    by_name = {s["name"]: s for s in spans}
+    for name in ("schedule", "prefill", "PrefillService/Prefill", "decode", "DecodeService/Decode", "kv_transfer"):
+        assert name in by_name, f"missing span {name}: {sorted(by_name)}"
+    a = root["attributes"]
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.request.max_tokens"] == 6
+    assert a["gen_ai.usage.input_tokens"] > 0 and a["gen_ai.usage.output_tokens"] == 6
+    assert a["gen_ai.response.finish_reasons"] == ["length"]
+    assert any(e["name"] == "first_token" for e in root["events"])
+    # the P/D handoff: the worker spans hang off the gateway's client spans, the transfer off decode
+    assert by_name["PrefillService/Prefill"]["parent_id"] == by_name["prefill"]["span_id"]
+    assert by_name["DecodeService/Decode"]["parent_id"] == by_name["decode"]["span_id"]
+    transfer = by_name["kv_transfer"]
+    assert transfer["parent_id"] == by_name["DecodeService/Decode"]["span_id"]
+    assert transfer["attributes"]["kvrelay.transfer.backend"] == backend
+    assert transfer["attributes"]["kvrelay.transfer.bytes"] > 0
+    pulled = "KVService/PullBlocks" if backend == "grpc" else "KVService/NixlHandshake"
+    assert by_name[pulled]["service"] == "kvrelay-prefill"
+    assert by_name[pulled]["parent_id"] == transfer["span_id"]
+    sched = by_name["schedule"]["attributes"]
+    assert sched["kvrelay.schedule.mode"] == "disaggregated" and sched["kvrelay.schedule.prefill_candidates"]
+    assert "kvrelay.queue_seconds" in by_name["PrefillService/Prefill"]["attributes"]
+
+
+def read_text(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def kvrelay(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kvrelay.cli", "trace", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_one_trace_across_services_with_client_context_and_cli(cluster_factory, tiny_dir, tmp_path):
+    run = cluster_factory(tiny_dir)
+    trace_dir = os.path.join(tmp_path, "traces")
+    r = chat(run.url, MARKER)
+    trace_id = r.headers["x-trace-id"]
+    assert len(trace_id) == 32 and int(trace_id, 16)
+    spans = spans_of(trace_dir, trace_id)
+    check_disaggregated_trace(spans, "grpc")
+    assert len({s["trace_id"] for s in read_spans(trace_dir)}) == 1, "one request, one trace"
+
+    # a client's traceparent becomes the parent of the gateway's span
+    client_trace, client_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    r = chat(run.url, "hello", {"traceparent": f"00-{client_trace}-{client_span}-01"}, stream=True)
+    assert r.headers["x-trace-id"] == client_trace
+    root = assert_one_tree(spans_of(trace_dir, client_trace))
+    assert root["parent_id"] == client_span
+
+    # a malformed one is ignored: a new trace, no error
+    r = chat(run.url, "hello", {"traceparent": "00-zzzz-not-a-trace-01"})
+    assert r.headers["x-trace-id"] not in (client_trace, trace_id)
+
+    # no prompt text in spans or logs by default
+    text = "".join(read_text(os.path.join(trace_dir, f)) for f in os.listdir(trace_dir))
+    logs = "".join(read_text(os.path.join(tmp_path, f)) for f in os.listdir(tmp_path) if f.endswith(".log"))
+    assert MARKER not in text and MARKER not in logs
+    assert "gen_ai.prompt" not in text
+
+    out = kvrelay("ls", "--dir", trace_dir)
+    assert out.returncode == 0 and trace_id[:12] in out.stdout, out.stdout + out.stderr
+    out = kvrelay("show", trace_id, "--dir", trace_dir)
+    assert out.returncode == 0, out.stderr
+    for name in ("POST /v1/chat/completions", "kv_transfer", "DecodeService/Decode", "█"):
+        assert name in out.stdout, out.stdout
+    shown = json.loads(kvrelay("show", trace_id, "--dir", trace_dir, "--json").stdout)
+    assert shown["trace_id"] == trace_id and len(shown["spans"]) == len(spans)
+    assert set(shown["spans"][0]) == {"name", "service", "span_id", "parent_id", "start", "end", "attributes"}
+    missing = kvrelay("show", "0" * 32, "--dir", trace_dir)
+    assert missing.returncode == 1 and "no trace" in missing.stderr
+
+
+def test_one_trace_with_nixl(cluster_factory, tiny_dir, tmp_path):
+    run = cluster_factory(tiny_dir, transfer="nixl")
+    r = chat(run.url, "hello there")
+    check_disaggregated_trace(spans_of(os.path.join(tmp_path, "traces"), r.headers["x-trace-id"]), "nixl")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_text_only_with_the_opt_in(cluster_factory, tiny_dir, tmp_path, stream):
+    run = cluster_factory(tiny_dir, env={"KVRELAY_TRACING__CAPTURE_CONTENT": "true"})
+    r = chat(run.url, MARKER, stream=stream)
+    spans = spans_of(os.path.join(tmp_path, "traces"), r.headers["x-trace-id"])
+    root = assert_one_tree(spans)
+    assert MARKER in root["attributes"]["gen_ai.prompt"]
+    assert root["attributes"]["gen_ai.completion"]

@@ -17,7 +17,7 @@ from common.errors import KVRelayError
 from common.rpc import decode_pb2, decode_pb2_grpc, types_pb2
 from common.rpc.channels import ChannelPool
 from common.rpc.convert import layout_from_proto, params_from_proto
-from common.serving.metrics import REQUESTS, TRANSFER_BYTES, TRANSFER_FAILURES, TRANSFER_SECONDS, TTFT
+from common.serving.metrics import QUEUE, REQUESTS, TRANSFER_BYTES, TRANSFER_FAILURES, TRANSFER_SECONDS, TTFT
 from kvtransfer.base import KVTransferClient, release
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         span = trace.get_current_span()
         t_arrival = time.perf_counter()
         dst = await self._reserve(request, params, handle.lease_deadline_unix)
-        span.set_attributes({"kvrelay.request_id": rid, "kvrelay.queue_seconds": time.perf_counter() - t_arrival})
+        waited = time.perf_counter() - t_arrival
+        QUEUE.labels("decode").observe(waited)
+        span.set_attributes({"kvrelay.request_id": rid, "kvrelay.queue_seconds": waited})
         try:
             with _tracer.start_as_current_span("kv_transfer") as tspan:
                 tspan.set_attributes(
@@ -138,6 +140,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         async for out in self.engine.generate(request.request_id, list(request.token_ids), params):
             if first:
                 TTFT.labels("decode").observe(time.perf_counter() - t0)
+                if out.queue_seconds is not None:
+                    QUEUE.labels("decode").observe(out.queue_seconds)
                 span.add_event("first_token")
                 span.set_attributes(
                     {

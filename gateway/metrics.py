@@ -16,10 +16,17 @@ TPOT = Histogram(
     buckets=_TPOT_BUCKETS,
 )
 E2E = Histogram("kvrelay_gateway_request_duration_seconds", "Arrival to last token", ["mode"], buckets=_BUCKETS)
+PROMPT_TOKENS = Counter("kvrelay_gateway_prompt_tokens_total", "Prompt tokens of served requests")
+OUTPUT_TOKENS = Counter("kvrelay_gateway_output_tokens_total", "Tokens generated for clients")
 RUNNING = Gauge("kvrelay_gateway_requests_running", "Requests being served")
 WORKERS_UP = Gauge("kvrelay_gateway_workers_up", "Workers answering health checks", ["role"])
 ROUTED = Counter("kvrelay_gateway_routed_total", "Requests by serving mode", ["mode"])
 DECISIONS = Counter("kvrelay_gateway_schedule_decisions_total", "Routing decisions", ["outcome", "reason"])
+CHOSEN = Counter(
+    "kvrelay_gateway_scheduled_worker_total",
+    "Requests scheduled onto each worker (bounded by pool size)",
+    ["role", "worker"],
+)
 PREFIX_TOKENS = Counter(
     "kvrelay_gateway_prefix_cached_tokens_total",
     "Prompt tokens the scheduler predicted cached on the chosen worker, and those the worker reported",

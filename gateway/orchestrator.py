@@ -22,7 +22,7 @@ from common.rpc.convert import params_to_proto
 from common.settings import GatewaySettings
 from common.tracing.grpc_context import outgoing_metadata
 from gateway.errors import APIError, from_grpc
-from gateway.metrics import DECISIONS, PREFIX_TOKENS
+from gateway.metrics import CHOSEN, DECISIONS, PREFIX_TOKENS
 from gateway.registry import WorkerRegistry
 from gateway.scheduling.scheduler import NoCandidateError, Scheduler
 from gateway.scheduling.types import RequestInfo, ScoredCandidate
@@ -101,6 +101,9 @@ class Orchestrator:
             )
         DECISIONS.labels("pd" if sched.prefill else "decode_only", sched.decision.reason).inc()
         decode = sched.decode.candidate
+        CHOSEN.labels("decode", decode.worker_id).inc()
+        if sched.prefill is not None:
+            CHOSEN.labels("prefill", sched.prefill.candidate.worker_id).inc()
         if sched.prefill is None:
             return Route(
                 "colocated",

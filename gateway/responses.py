@@ -15,7 +15,7 @@ from opentelemetry import trace
 from common.tracing.setup import capture_content
 from gateway.detokenizer import StreamDetokenizer
 from gateway.errors import APIError
-from gateway.metrics import E2E, RETRIES, ROUTED, RUNNING, TPOT, TTFT
+from gateway.metrics import E2E, OUTPUT_TOKENS, PROMPT_TOKENS, RETRIES, ROUTED, RUNNING, TPOT, TTFT
 from gateway.orchestrator import Delta, Orchestrator, Route
 from gateway.prepare import Prepared
 
@@ -194,6 +194,8 @@ class Responder:
                 yield d
             end = time.perf_counter()
             E2E.labels(mode).observe(end - t0)
+            PROMPT_TOKENS.inc(len(prep.prompt_ids))
+            OUTPUT_TOKENS.inc(len(ids))
             tpot = (end - first_at) / (len(ids) - 1) if first_at is not None and len(ids) > 1 else None
             if tpot is not None:
                 TPOT.labels(mode).observe(tpot)

@@ -86,7 +86,7 @@ def _note(span: dict) -> str:
     a = span["attributes"]
     if "kvrelay.transfer.bytes" in a and span["name"] == "kv_transfer":
         mb = a["kvrelay.transfer.bytes"] / 1e6
-        return f"{a['kvrelay.transfer.backend']} {mb:.2f} MB at {a.get("kvrelay.transfer.gbps", 0):.3f} GB/s"
+        return f"{a['kvrelay.transfer.backend']} {mb:.2f} MB at {a.get('kvrelay.transfer.gbps', 0):.3f} GB/s"
     if span["name"] == "schedule":
         mode, why = a.get("kvrelay.schedule.mode", ""), a.get("kvrelay.schedule.reason", "")
         return f"{mode} ({why}), predicted cached {a.get('kvrelay.prefix.predicted_cached_tokens', 0)}"

@@ -12,7 +12,7 @@ from common.engine.async_engine import AsyncEngine
 from common.errors import InvalidRequestError
 from common.rpc import kv_pb2, kv_pb2_grpc, prefill_pb2, prefill_pb2_grpc, types_pb2
 from common.rpc.convert import layout_from_proto, layout_to_proto, params_from_proto
-from common.serving.metrics import REQUESTS, TTFT
+from common.serving.metrics import QUEUE, REQUESTS, TTFT
 from common.serving.worker_servicer import WorkerIdentity
 from kvtransfer.grpc_backend import stream_blocks
 from kvtransfer.nixl_backend import NixlKVServer
@@ -35,6 +35,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             REQUESTS.labels("prefill", "Prefill", "error").inc()
             raise RuntimeError(out.error if out and out.error else "prefill produced no token")
         TTFT.labels("prefill").observe(time.perf_counter() - t0)
+        if out.queue_seconds is not None:
+            QUEUE.labels("prefill").observe(out.queue_seconds)
         REQUESTS.labels("prefill", "Prefill", "ok").inc()
         trace.get_current_span().set_attributes(
             {

@@ -19,6 +19,12 @@ TTFT = Histogram(
     ["role"],
     buckets=_LATENCY_BUCKETS,
 )
+QUEUE = Histogram(
+    "kvrelay_worker_queue_seconds",
+    "Arrival to first admission into the running batch",
+    ["role"],
+    buckets=_LATENCY_BUCKETS,
+)
 TRANSFER_BYTES = Counter("kvrelay_kv_transfer_bytes_total", "KV bytes moved into this worker", ["backend"])
 TRANSFER_SECONDS = Histogram(
     "kvrelay_kv_transfer_seconds", "Duration of one request's KV pull", ["backend"], buckets=_LATENCY_BUCKETS

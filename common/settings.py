@@ -3,16 +3,22 @@ environment variables (nested with __, e.g. KVRELAY_ENGINE__THREADS=2) and a YAM
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from common.config import EngineConfig
 from common.tracing.settings import TracingSettings
 
+log = logging.getLogger(__name__)
 S = TypeVar("S", bound=BaseSettings)
+_ENV_PREFIX = "KVRELAY_"
 Transfer = Literal["grpc", "nixl"]
 
 
@@ -49,7 +55,12 @@ class WorkerSettings(BaseSettings):
 
     @property
     def address(self) -> str:
-        return f"{self.advertise_host or self.host}:{self.port}"
+        """How other services reach this worker: advertise_host, else the listen address, else (when
+        listening on every interface, as in a container) this host's own IP."""
+        host = self.advertise_host or self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostbyname(socket.gethostname())
+        return f"{host}:{self.port}"
 
 
 class GatewaySettings(BaseSettings):
@@ -95,8 +106,27 @@ def load_settings(cls: type[S], config_file: str | Path | None = None, **overrid
                 sources += (YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file),)
             return sources
 
+    for name in unknown_env_vars(cls):
+        log.warning("ignoring %s: %s has no such setting", name, cls.__name__)
     layered = _Layered(**_drop_none(overrides))
     return cls.model_validate(layered.model_dump())
+
+
+def unknown_env_vars(cls: type[BaseModel], environ: Mapping[str, str] | None = None) -> list[str]:
+    """KVRELAY_* variables that name no setting of `cls` (a typo would otherwise pass silently)."""
+    unknown = []
+    for name in os.environ if environ is None else environ:
+        if not name.startswith(_ENV_PREFIX):
+            continue
+        model: type[BaseModel] | None = cls
+        for part in name[len(_ENV_PREFIX) :].lower().split("__"):
+            field = model.model_fields.get(part) if model is not None else None
+            if field is None:
+                unknown.append(name)
+                break
+            ann = field.annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return unknown
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def transfer_cmd(
 def serve_cmd(
     url: str = typer.Option(None, help="a running gateway (default: start clusters here)"),
     model: str = typer.Option(None, help="GGUF file or safetensors directory, for started clusters"),
-    compare: str = typer.Option(None, help="'colocated': also run the same load against one colocated worker"),
+    compare: str = typer.Option(None, help="'colocated': also one colocated worker; 'tracing': traced vs untraced"),
     requests: int = typer.Option(30, help="requests per run"),
     rate: float = typer.Option(0.12, help="mean arrival rate, requests/s (Poisson); 0.12 is sustainable on 2 cores"),
     seed: int = typer.Option(0),

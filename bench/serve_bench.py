@@ -2,7 +2,8 @@
 
 Against --url, or against clusters it starts: disaggregated (1 prefill + 1 decode worker, the cores
 split between them) and, with --compare colocated, one worker that prefills and decodes with all the
-cores. Same workload, same seed, one after the other in the same run.
+cores; with --compare tracing, the disaggregated cluster twice: tracing every request (100%
+sampling, span files) and tracing off. Same workload, same seed, one after the other in the same run.
 """
 
 from __future__ import annotations
@@ -14,12 +15,23 @@ import tempfile
 import httpx
 
 from bench.loadgen import DEFAULT_MIX, plan_requests, run_load, summarize
+from common.tracing.jsonl import read_spans
 from kvrelay.launcher import Cluster, divide_cores, free_port
 
+# run label -> (cluster mode, environment of its processes)
+_RUNS = {
+    "disaggregated": ("disaggregated", {}),
+    "colocated": ("colocated", {}),
+    "traced": ("disaggregated", {"KVRELAY_TRACING__ENABLED": "true", "KVRELAY_TRACING__SAMPLE_RATIO": "1.0"}),
+    "untraced": ("disaggregated", {"KVRELAY_TRACING__ENABLED": "false"}),
+}
+_COMPARE = {None: ["disaggregated"], "colocated": ["disaggregated", "colocated"], "tracing": ["traced", "untraced"]}
 
-def _start(mode: str, model: str | None, log_dir: str) -> tuple[Cluster, str]:
+
+def _start(mode: str, model: str | None, log_dir: str, env: dict[str, str]) -> tuple[Cluster, str]:
     cores = os.cpu_count() or 1
-    cluster = Cluster(log_dir=log_dir)
+    env = {"KVRELAY_TRACING__DIR": os.path.join(log_dir, "traces"), **env}
+    cluster = Cluster(log_dir=log_dir, env=env)
     try:
         if mode == "colocated":
             d = [cluster.worker("decode", free_port(), cores, model)]
@@ -61,24 +73,36 @@ def run_serve_bench(
 ) -> dict:
     results: dict = {}
     all_samples: dict = {}
-    modes = ["disaggregated"] + (["colocated"] if compare == "colocated" else [])
+    if compare not in _COMPARE:
+        raise ValueError(f"--compare must be one of colocated, tracing; got {compare!r}")
     with tempfile.TemporaryDirectory() as logs:
-        for mode in modes:
-            if url is not None and mode == "disaggregated":
-                results[mode], all_samples[mode] = _measure(url, mode, n, rate, seed, slo_ttft, slo_tpot)
+        for label in _COMPARE[compare]:
+            if url is not None and label == "disaggregated":
+                results[label], all_samples[label] = _measure(url, label, n, rate, seed, slo_ttft, slo_tpot)
                 continue
-            os.makedirs(os.path.join(logs, mode))
-            cluster, mode_url = _start(mode, model, os.path.join(logs, mode))
+            mode, env = _RUNS[label]
+            os.makedirs(os.path.join(logs, label))
+            cluster, run_url = _start(mode, model, os.path.join(logs, label), env)
             try:
-                results[mode], all_samples[mode] = _measure(mode_url, mode, n, rate, seed, slo_ttft, slo_tpot)
+                results[label], all_samples[label] = _measure(run_url, label, n, rate, seed, slo_ttft, slo_tpot)
             finally:
                 cluster.stop()
+            if label == "traced":
+                results[label]["spans_exported"] = sum(1 for _ in read_spans(os.path.join(logs, label, "traces")))
     if "colocated" in results:
         d, c = results["disaggregated"], results["colocated"]
         results["ratios"] = {
             "tpot_p99_disagg_over_coloc": round(d["tpot_p99_s"] / c["tpot_p99_s"], 3),
             "throughput_disagg_over_coloc": round(d["throughput_tok_s"] / c["throughput_tok_s"], 3),
             "ttft_p99_disagg_over_coloc": round(d["ttft_p99_s"] / c["ttft_p99_s"], 3),
+        }
+    if "traced" in results:
+        t, u = results["traced"], results["untraced"]
+        results["ratios"] = {
+            "throughput_loss": round(1 - t["throughput_tok_s"] / u["throughput_tok_s"], 4),
+            "ttft_p99_increase": round(t["ttft_p99_s"] / u["ttft_p99_s"] - 1, 4),
+            "ttft_p50_increase": round(t["ttft_p50_s"] / u["ttft_p50_s"] - 1, 4),
+            "tpot_p99_increase": round(t["tpot_p99_s"] / u["tpot_p99_s"] - 1, 4),
         }
     results["workload"] = {
         "requests": n,

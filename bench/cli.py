@@ -67,8 +67,8 @@ def serve_cmd(
     """Serving latency (TTFT, TPOT, end to end), throughput and goodput under Poisson load."""
     from bench.serve_bench import run_serve_bench
 
-    if compare not in (None, "colocated"):
-        raise typer.BadParameter("only 'colocated' can be compared", param_hint="--compare")
+    if compare not in (None, "colocated", "tracing"):
+        raise typer.BadParameter("use 'colocated' or 'tracing'", param_hint="--compare")
     result = run_serve_bench(url, model, compare, requests, rate, seed, slo_ttft, slo_tpot, plot or None)
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 

@@ -83,6 +83,7 @@ def prefix_cmd(
     rate: float = typer.Option(0.25, help="mean arrival rate, requests/s (Poisson)"),
     prefixes: int = typer.Option(8, help="distinct system prompts"),
     prefix_len: int = typer.Option(1000, help="tokens per system prompt"),
+    kv_cache_mb: int = typer.Option(240, help="KV cache per prefill worker (240: ~5 of the 8 prompts; 0: default)"),
     seed: int = typer.Option(0),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
 ) -> None:
@@ -91,5 +92,7 @@ def prefix_cmd(
 
     if prefill < 2:
         raise typer.BadParameter("routing needs at least 2 prefill workers", param_hint="--prefill")
-    result = run_prefix_bench(model, prefill, decode, policies.split(","), requests, rate, prefixes, prefix_len, seed)
+    result = run_prefix_bench(
+        model, prefill, decode, policies.split(","), requests, rate, prefixes, prefix_len, seed, kv_cache_mb or None
+    )
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))

@@ -2,8 +2,10 @@
 
 Against --url, or against clusters it starts: disaggregated (1 prefill + 1 decode worker, the cores
 split between them) and, with --compare colocated, one worker that prefills and decodes with all the
-cores; with --compare tracing, the disaggregated cluster twice: tracing every request (100%
-sampling, span files) and tracing off. Same workload, same seed, one after the other in the same run.
+cores; with --compare tracing, the disaggregated cluster tracing every request (100% sampling, span
+files) and with tracing off, in the order traced, untraced, untraced, traced so that drift of a
+shared machine falls on both alike; each condition's two runs are pooled. Same workload, same seed,
+one after the other in the same run.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ _RUNS = {
     "traced": ("disaggregated", {"KVRELAY_TRACING__ENABLED": "true", "KVRELAY_TRACING__SAMPLE_RATIO": "1.0"}),
     "untraced": ("disaggregated", {"KVRELAY_TRACING__ENABLED": "false"}),
 }
-_COMPARE = {None: ["disaggregated"], "colocated": ["disaggregated", "colocated"], "tracing": ["traced", "untraced"]}
+_COMPARE = {
+    None: ["disaggregated"],
+    "colocated": ["disaggregated", "colocated"],
+    "tracing": ["traced", "untraced", "untraced#2", "traced#2"],  # ABBA
+}
 
 
 def _start(mode: str, model: str | None, log_dir: str, env: dict[str, str]) -> tuple[Cluster, str]:
@@ -76,19 +82,32 @@ def run_serve_bench(
     if compare not in _COMPARE:
         raise ValueError(f"--compare must be one of colocated, tracing; got {compare!r}")
     with tempfile.TemporaryDirectory() as logs:
-        for label in _COMPARE[compare]:
+        makespans: dict[str, float] = {}
+        spans = 0
+        for run in _COMPARE[compare]:
+            label = run.split("#")[0]  # runs of one condition are pooled
             if url is not None and label == "disaggregated":
                 results[label], all_samples[label] = _measure(url, label, n, rate, seed, slo_ttft, slo_tpot)
                 continue
             mode, env = _RUNS[label]
-            os.makedirs(os.path.join(logs, label))
-            cluster, run_url = _start(mode, model, os.path.join(logs, label), env)
+            log_dir = os.path.join(logs, run.replace("#", "-"))
+            os.makedirs(log_dir)
+            cluster, run_url = _start(mode, model, log_dir, env)
             try:
-                results[label], all_samples[label] = _measure(run_url, label, n, rate, seed, slo_ttft, slo_tpot)
+                summary, samples = _measure(run_url, run, n, rate, seed, slo_ttft, slo_tpot)
             finally:
                 cluster.stop()
+            all_samples[label] = all_samples.get(label, []) + samples
+            makespans[label] = makespans.get(label, 0.0) + summary["makespan_s"]
+            results.setdefault("runs", {})[run] = {
+                k: summary[k] for k in ("ttft_p50_s", "ttft_p99_s", "throughput_tok_s")
+            }
             if label == "traced":
-                results[label]["spans_exported"] = sum(1 for _ in read_spans(os.path.join(logs, label, "traces")))
+                spans += sum(1 for _ in read_spans(os.path.join(log_dir, "traces")))
+        for label, total in makespans.items():
+            results[label] = summarize(all_samples[label], total, slo_ttft, slo_tpot)
+        if spans:
+            results["traced"]["spans_exported"] = spans
     if "colocated" in results:
         d, c = results["disaggregated"], results["colocated"]
         results["ratios"] = {

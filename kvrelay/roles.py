@@ -27,7 +27,13 @@ def _serve_role(role: str, config: Path | None, log_level: str, **flags: object)
         from prefill_worker.server import serve
     else:
         from decode_worker.server import serve
-    asyncio.run(serve(settings))
+    from common.errors import KVRelayError
+
+    try:
+        asyncio.run(serve(settings))
+    except KVRelayError as e:  # a model that will not load, an unreachable registry: say so, no traceback
+        logging.getLogger("kvrelay").error("%s worker cannot start: %s", settings.role, e)
+        raise typer.Exit(2) from e
 
 
 def register(app: typer.Typer) -> None:

@@ -253,3 +253,16 @@ def test_registry_survives_a_gateway_restart(reg_cluster):
     assert r.headers["x-kvrelay-prefill"] == first.headers["x-kvrelay-prefill"]
     assert cached(r) == (96, 96)
     asyncio.run(assert_workers_clean(c.prefill + c.decode))
+
+
+def test_a_worker_whose_registry_is_unreachable_says_so(tiny_dir, tmp_path):
+    cluster = Cluster(log_dir=str(tmp_path))
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    cluster.worker("decode", free_port(), 1, tiny_dir, ["--registry", url])
+    proc = cluster.procs[-1][1]
+    try:
+        assert proc.wait(120) == 2
+    finally:
+        cluster.stop()
+    log = next(tmp_path.glob("decode-*.log")).read_text()
+    assert f"cannot reach the registry at {url}" in log and "Traceback" not in log

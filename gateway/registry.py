@@ -19,6 +19,7 @@ from gateway.kv_events import KVEventWatcher
 from gateway.scheduling.types import Candidate
 
 log = logging.getLogger(__name__)
+_MAX_STRIKES = 3
 
 
 @dataclass
@@ -27,6 +28,7 @@ class WorkerState:
     role: str  # configured role; Stats must agree
     events_stream: str = ""
     healthy: bool = False
+    strikes: int = 0  # consecutive slow or failed polls
     stats: worker_pb2.StatsResponse | None = None
     last_seen: float = 0.0
     error: str | None = None
@@ -143,12 +145,17 @@ class WorkerRegistry:
     async def _probe(self, w: WorkerState) -> None:
         stub = worker_pb2_grpc.WorkerServiceStub(self.channels.get(w.address))
         try:
-            stats = await stub.Stats(worker_pb2.StatsRequest(), timeout=max(0.5, self.interval_s))
+            stats = await stub.Stats(worker_pb2.StatsRequest(), timeout=max(2.0, 2 * self.interval_s))
         except grpc.aio.AioRpcError as e:
-            if w.healthy:
+            # Refused means gone; a slow answer on a loaded machine is one strike of _MAX_STRIKES.
+            w.strikes += 1
+            if w.healthy and (e.code() is grpc.StatusCode.UNAVAILABLE or w.strikes >= _MAX_STRIKES):
                 log.warning("%s worker %s stopped answering: %s", w.role, w.address, e.code().name)
-            w.healthy, w.error = False, e.code().name
+                w.healthy = False
+            if not w.healthy:
+                w.error = e.code().name
             return
+        w.strikes = 0
         if stats.role != w.role:
             w.healthy, w.error = False, f"configured as {w.role} but reports role {stats.role!r}"
             return

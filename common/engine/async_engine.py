@@ -85,7 +85,8 @@ class AsyncEngine:
         return await self.call(lambda: self.engine.begin_import(request_id, prompt_token_ids, first_token, params))
 
     async def stats(self) -> dict[str, int]:
-        return await self.call(self.engine.stats)
+        """Read directly, not between steps: health checks must not wait for a long prefill step."""
+        return self.engine.stats()
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run fn on the engine thread between steps and return its result (or raise its error)."""

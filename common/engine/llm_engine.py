@@ -173,11 +173,14 @@ class LLMEngine:
 
     # -- stats ----------------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
+        """Counters, safe to read from any thread: each is one atomic read under the GIL (the
+        sequences are copied in one step before counting), so a long step never delays them."""
+        seqs = list(self.seqs.values())
         return {
             "waiting": len(self.scheduler.waiting),
             "running": len(self.scheduler.running),
-            "pinned": sum(s.status is SeqStatus.PINNED for s in self.seqs.values()),
-            "sequences": len(self.seqs),  # everything holding engine state, imports included
+            "pinned": sum(s.status is SeqStatus.PINNED for s in seqs),
+            "sequences": len(seqs),  # everything holding engine state, imports included
             "free_blocks": self.blocks.num_free_blocks,
             "total_blocks": self.blocks.num_blocks,
             "cached_blocks": self.blocks.num_cached_blocks,

@@ -17,7 +17,7 @@ import yaml
 
 from kvrelay.launcher import free_port
 
-OBS = Path(__file__).resolve().parents[2] / "k8s" / "observability"
+OBS = Path(__file__).resolve().parents[2] / "k8s" / "base" / "observability"
 _SUFFIXES = ("_bucket", "_count", "_sum")
 
 

@@ -15,8 +15,8 @@ from common.settings import GatewaySettings, WorkerSettings, load_settings, unkn
 from kvrelay.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPOSE = ROOT / "compose" / "docker-compose.yaml"
-K8S = ROOT / "k8s"
+COMPOSE = ROOT / "compose" / "docker-compose.yml"
+K8S = ROOT / "k8s" / "base"
 CLI = typer.main.get_command(app)
 
 
@@ -101,6 +101,21 @@ def test_k8s_manifests(monkeypatch):
             assert pod["terminationGracePeriodSeconds"] > WorkerSettings().drain_timeout_s
     # the collector config the k8s Deployment mounts is the one the test suite validates
     assert (K8S / "observability" / "otel-collector.yaml").is_file()
+
+
+def test_k8s_overlays_patch_what_exists():
+    names = {d["metadata"]["name"] for d in k8s_docs()}
+    for overlay in ("cpu", "gpu"):
+        kust = yaml.safe_load((K8S.parent / "overlays" / overlay / "kustomization.yaml").read_text())
+        assert kust["resources"] == ["../../base"]
+        for patch in kust.get("patches", []):
+            assert patch["target"]["name"] in names
+            ops = yaml.safe_load((K8S.parent / "overlays" / overlay / patch["path"]).read_text())
+            assert all(op["op"] in ("add", "replace", "remove") and op["path"].startswith("/spec/") for op in ops)
+            for op in ops:
+                value = op.get("value")
+                if isinstance(value, dict) and str(value.get("name", "")).startswith("KVRELAY_"):
+                    assert not unknown_env_vars(WorkerSettings, {value["name"]: value["value"]})
 
 
 def test_a_bad_command_line_is_caught(monkeypatch):

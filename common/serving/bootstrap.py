@@ -48,7 +48,12 @@ async def run_worker(settings: WorkerSettings, add_services: AddServices, backen
     metrics_port = settings.metrics_port if settings.metrics_port is not None else settings.port + 1000
     serve_metrics(engine, settings.role, settings.host, metrics_port)
     await server.start()
-    presence = await RegistryPresence.open(settings, identity, engine) if settings.registry else None
+    try:
+        presence = await RegistryPresence.open(settings, identity, engine) if settings.registry else None
+    except BaseException:
+        await server.stop(None)
+        runner.shutdown()
+        raise
     log.info(
         "%s worker %s serving %s on %s:%d (metrics :%d, transfer %s)",
         settings.role,

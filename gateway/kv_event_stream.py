@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from common.discovery.event_stream import decode_entry
 from common.rpc.channels import ChannelPool
+from gateway.cancellation import reraise_if_cancelling
 from gateway.kv_events import KVEventWatcher, fetch_snapshot
 from gateway.scheduling.prefix_index import PrefixIndex
 
@@ -46,6 +47,7 @@ class RedisKVEventWatcher(KVEventWatcher):
                     self.index.snapshot(worker_id, hashes, seq)
                 reply = await self.client.xread({stream: position}, count=64, block=_BLOCK_MS)
             except (RedisError, OSError, ConnectionError, grpc.aio.AioRpcError) as e:
+                reraise_if_cancelling()
                 log.debug("KV events of %s unavailable (retrying): %s", worker_id, e)
                 await asyncio.sleep(_RETRY_S)
                 continue

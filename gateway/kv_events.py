@@ -9,7 +9,6 @@ and reopens it from 0, which makes the worker send a fresh snapshot. (With a Red
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Coroutine, Iterable
 
@@ -18,11 +17,13 @@ import grpc
 from common.kv.events import KVEvent
 from common.rpc import worker_pb2, worker_pb2_grpc
 from common.rpc.channels import ChannelPool
+from gateway.cancellation import reraise_if_cancelling
 from gateway.metrics import KV_EVENT_RESYNCS
 from gateway.scheduling.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
 _RETRY_S = 1.0
+_STOP_TIMEOUT_S = 5.0
 
 
 async def fetch_snapshot(channels: ChannelPool, address: str, timeout: float = 10.0) -> tuple[list[int], int]:
@@ -67,12 +68,13 @@ class KVEventWatcher:
 
     async def stop(self) -> None:
         tasks = [t for _, t in self._tasks.values()]
+        self._tasks.clear()
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=_STOP_TIMEOUT_S)
+            if stuck:  # never block shutdown on a follower
+                log.warning("%d KV event followers did not stop within %.0fs", len(stuck), _STOP_TIMEOUT_S)
 
     def apply(self, worker_id: str, events: Iterable[KVEvent]) -> bool:
         """Apply events in order; on a gap, count a resync and return False (the caller resyncs)."""
@@ -101,5 +103,6 @@ class KVEventWatcher:
                         pause = 0.0
                         break
             except grpc.aio.AioRpcError as e:
+                reraise_if_cancelling()
                 log.debug("KV event stream from %s ended: %s", worker_id, e.code().name)
             await asyncio.sleep(pause)

@@ -14,6 +14,7 @@ import grpc
 
 from common.rpc import types_pb2, worker_pb2, worker_pb2_grpc
 from common.rpc.channels import ChannelPool
+from gateway.cancellation import reraise_if_cancelling
 from gateway.discovery import Member, StaticDiscovery
 from gateway.kv_events import KVEventWatcher
 from gateway.scheduling.types import Candidate
@@ -141,12 +142,14 @@ class WorkerRegistry:
         while True:
             await asyncio.sleep(self.interval_s)
             await self.poll_once()
+            reraise_if_cancelling()
 
     async def _probe(self, w: WorkerState) -> None:
         stub = worker_pb2_grpc.WorkerServiceStub(self.channels.get(w.address))
         try:
             stats = await stub.Stats(worker_pb2.StatsRequest(), timeout=max(2.0, 2 * self.interval_s))
         except grpc.aio.AioRpcError as e:
+            reraise_if_cancelling()
             # Refused means gone; a slow answer on a loaded machine is one strike of _MAX_STRIKES.
             w.strikes += 1
             if w.healthy and (e.code() is grpc.StatusCode.UNAVAILABLE or w.strikes >= _MAX_STRIKES):

@@ -4,6 +4,7 @@ maps kvrelay's errors to gRPC status codes (recorded on the span)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -47,6 +48,18 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     await context.abort(code, message)
 
 
+@contextlib.asynccontextmanager
+async def _serving(method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """One call: inside the caller's trace, with any kvrelay error turned into its status code."""
+    with server_span(method, context):
+        try:
+            yield
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as e:
+            await _abort(context, e)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(
         self,
@@ -61,13 +74,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with server_span(method, context):
-                    try:
-                        return await inner_uu(request, context)
-                    except (asyncio.CancelledError, grpc.aio.AbortError):
-                        raise
-                    except Exception as e:
-                        await _abort(context, e)
+                async with _serving(method, context):
+                    return await inner_uu(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer
@@ -76,14 +84,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                with server_span(method, context):
-                    try:
-                        async for item in inner_us(request, context):
-                            yield item
-                    except (asyncio.CancelledError, grpc.aio.AbortError):
-                        raise
-                    except Exception as e:
-                        await _abort(context, e)
+                async with _serving(method, context):
+                    async for item in inner_us(request, context):
+                        yield item
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer

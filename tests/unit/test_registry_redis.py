@@ -144,7 +144,8 @@ def test_kv_events_through_redis_follow_the_cache_and_resync_after_a_gap(redis_u
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         client = open_redis(redis_url)
-        publisher = asyncio.create_task(EventPublisher(client, engine.events, stream, 60_000).run())
+        pub = EventPublisher(client, engine.events, stream, 60_000)
+        publisher = asyncio.create_task(pub.run())
         channels = ChannelPool()
         index = PrefixIndex()
 
@@ -153,7 +154,7 @@ def test_kv_events_through_redis_follow_the_cache_and_resync_after_a_gap(redis_u
                 pass
 
         async def mirrors(w: RedisKVEventWatcher) -> None:
-            for _ in range(100):
+            for _ in range(200):
                 want = set(await runner.call(engine.blocks.cached_block_hashes))
                 if not index.needs_snapshot("w1") and index._views["w1"].hashes == want:
                     return
@@ -169,7 +170,11 @@ def test_kv_events_through_redis_follow_the_cache_and_resync_after_a_gap(redis_u
             await watcher.stop()  # this reader stops; its index view stays
 
             await serve(list(range(40, 70)))
-            await asyncio.sleep(0.3)  # published...
+            for _ in range(200):  # published...
+                if pub.published_seq == engine.events.last_seq:
+                    break
+                await asyncio.sleep(0.05)
+            assert pub.published_seq == engine.events.last_seq
             await client.xtrim(stream, maxlen=0)  # ...and trimmed before anyone read it
             await serve(list(range(80, 110)))
 

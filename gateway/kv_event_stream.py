@@ -40,10 +40,12 @@ class RedisKVEventWatcher(KVEventWatcher):
 
     async def _follow_stream(self, worker_id: str, address: str, stream: str) -> None:
         position = b"0"
-        while True:
+        while self.following(worker_id):
             try:
                 if self.index.needs_snapshot(worker_id):
                     hashes, seq = await fetch_snapshot(self.channels, address)
+                    if not self.following(worker_id):
+                        return
                     self.index.snapshot(worker_id, hashes, seq)
                 reply = await self.client.xread({stream: position}, count=64, block=_BLOCK_MS)
             except (RedisError, OSError, ConnectionError, grpc.aio.AioRpcError) as e:
@@ -51,6 +53,9 @@ class RedisKVEventWatcher(KVEventWatcher):
                 log.debug("KV events of %s unavailable (retrying): %s", worker_id, e)
                 await asyncio.sleep(_RETRY_S)
                 continue
+            reraise_if_cancelling()
+            if not self.following(worker_id):
+                return  # stopped while the read was in flight: apply nothing more
             for _, entries in reply or ():
                 for entry_id, fields in entries:
                     try:

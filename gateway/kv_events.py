@@ -17,7 +17,7 @@ import grpc
 from common.kv.events import KVEvent
 from common.rpc import worker_pb2, worker_pb2_grpc
 from common.rpc.channels import ChannelPool
-from gateway.cancellation import reraise_if_cancelling
+from gateway.cancellation import cancel_and_wait, reraise_if_cancelling
 from gateway.metrics import KV_EVENT_RESYNCS
 from gateway.scheduling.prefix_index import PrefixIndex
 
@@ -67,14 +67,19 @@ class KVEventWatcher:
         return set(self._tasks)
 
     async def stop(self) -> None:
+        """Stop every follower and wait until each has ended (at most a few seconds: never block
+        shutdown on one). A follower that outlived this would keep moving the index."""
         tasks = [t for _, t in self._tasks.values()]
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            _, stuck = await asyncio.wait(tasks, timeout=_STOP_TIMEOUT_S)
-            if stuck:  # never block shutdown on a follower
-                log.warning("%d KV event followers did not stop within %.0fs", len(stuck), _STOP_TIMEOUT_S)
+        stuck = await cancel_and_wait(tasks, _STOP_TIMEOUT_S)
+        if stuck:
+            log.warning("%d KV event followers did not stop within %.0fs", len(stuck), _STOP_TIMEOUT_S)
+
+    def following(self, worker_id: str) -> bool:
+        """Whether the calling task is still this worker's follower: false once unwatched or stopped,
+        so a follower whose cancellation a library swallowed still ends at its next turn."""
+        _, task = self._tasks.get(worker_id, ("", None))
+        return task is not None and task is asyncio.current_task()
 
     def apply(self, worker_id: str, events: Iterable[KVEvent]) -> bool:
         """Apply events in order; on a gap, count a resync and return False (the caller resyncs)."""
@@ -91,11 +96,13 @@ class KVEventWatcher:
 
     async def _follow(self, worker_id: str, address: str) -> None:
         stub = worker_pb2_grpc.WorkerServiceStub(self.channels.get(address))
-        while True:
+        while self.following(worker_id):
             after = 0 if self.index.needs_snapshot(worker_id) else self.index.last_seq(worker_id)
             pause = _RETRY_S
             try:
                 async for batch in stub.WatchEvents(worker_pb2.WatchEventsRequest(after_seq=after)):
+                    if not self.following(worker_id):
+                        return
                     if batch.snapshot:
                         self.index.snapshot(worker_id, batch.snapshot_hashes, batch.last_seq)
                         continue

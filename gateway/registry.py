@@ -5,7 +5,6 @@ traffic. Workers that leave the registry are dropped along with their prefix-ind
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -14,13 +13,14 @@ import grpc
 
 from common.rpc import types_pb2, worker_pb2, worker_pb2_grpc
 from common.rpc.channels import ChannelPool
-from gateway.cancellation import reraise_if_cancelling
+from gateway.cancellation import cancel_and_wait, reraise_if_cancelling
 from gateway.discovery import Member, StaticDiscovery
 from gateway.kv_events import KVEventWatcher
 from gateway.scheduling.types import Candidate
 
 log = logging.getLogger(__name__)
 _MAX_STRIKES = 3
+_STOP_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -66,18 +66,20 @@ class WorkerRegistry:
 
     def __post_init__(self) -> None:
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         await self.poll_once()
         self._task = asyncio.create_task(self._poll_forever())
 
     async def stop(self) -> None:
+        # The poll loop first: it starts followers, so stopping the watcher before it could leave
+        # a follower started after the watcher had stopped.
+        self._stopping = True
+        if self._task and await cancel_and_wait([self._task], _STOP_TIMEOUT_S):
+            log.warning("the worker poll loop did not stop within %.0fs", _STOP_TIMEOUT_S)
         if self.watcher is not None:
             await self.watcher.stop()
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
         await self.discovery.close()
 
     def mark_down(self, address: str, reason: str) -> None:
@@ -118,7 +120,7 @@ class WorkerRegistry:
     async def poll_once(self) -> None:
         await self._reconcile(await self.discovery.members())
         await asyncio.gather(*(self._probe(w) for w in self.workers.values()))
-        if self.watcher is not None:
+        if self.watcher is not None and not self._stopping:
             for w in self.workers.values():
                 if w.healthy and w.stats:
                     self.watcher.watch(w.worker_id, w.address, w.events_stream)
@@ -139,7 +141,7 @@ class WorkerRegistry:
                 w.events_stream = m.events_stream  # restarted at the same address
 
     async def _poll_forever(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.interval_s)
             await self.poll_once()
             reraise_if_cancelling()

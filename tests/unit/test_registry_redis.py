@@ -23,6 +23,7 @@ from gateway.kv_event_stream import RedisKVEventWatcher
 from gateway.scheduling.prefix_index import PrefixIndex
 from kvrelay.launcher import free_port
 from tests.helpers import assert_no_leaks, greedy, tiny_engine
+from tests.waiting import async_wait_for
 
 KEYS = RegistryKeys("test")
 
@@ -153,34 +154,33 @@ def test_kv_events_through_redis_follow_the_cache_and_resync_after_a_gap(redis_u
             async for _ in runner.generate(f"r{prompt[0]}", prompt, greedy(2)):
                 pass
 
-        async def mirrors(w: RedisKVEventWatcher) -> None:
-            for _ in range(200):
-                want = set(await runner.call(engine.blocks.cached_block_hashes))
-                if not index.needs_snapshot("w1") and index._views["w1"].hashes == want:
-                    return
-                await asyncio.sleep(0.05)
-            raise AssertionError("the index does not mirror the worker's cache")
+        async def mirrors() -> bool:
+            want = set(await runner.call(engine.blocks.cached_block_hashes))
+            return not index.needs_snapshot("w1") and index._views["w1"].hashes == want
+
+        async def all_published() -> bool:
+            return pub.published_seq == engine.events.last_seq
 
         try:
             watcher = RedisKVEventWatcher(channels, index, client)
             watcher.watch("w1", f"127.0.0.1:{port}", stream)
             await serve(list(range(1, 30)))
-            await mirrors(watcher)
+            await async_wait_for(mirrors, 30, "the index to mirror the worker's cache")
             assert watcher.resyncs == 0
-            await watcher.stop()  # this reader stops; its index view stays
+            followers = [task for _, task in watcher._tasks.values()]
+            await watcher.stop()  # this reader stops (for sure: nothing reads the stream now)...
+            assert followers and all(t.done() for t in followers) and not watcher.watching()
 
+            seen = index.last_seq("w1")  # ...and its index view stays, current to this seq
             await serve(list(range(40, 70)))
-            for _ in range(200):  # published...
-                if pub.published_seq == engine.events.last_seq:
-                    break
-                await asyncio.sleep(0.05)
-            assert pub.published_seq == engine.events.last_seq
-            await client.xtrim(stream, maxlen=0)  # ...and trimmed before anyone read it
+            await async_wait_for(all_published, 30, "the publisher to publish every event")
+            assert index.last_seq("w1") == seen < engine.events.last_seq
+            await client.xtrim(stream, maxlen=0)  # the events after `seen` are lost
             await serve(list(range(80, 110)))
 
             watcher = RedisKVEventWatcher(channels, index, client)
             watcher.watch("w1", f"127.0.0.1:{port}", stream)
-            await mirrors(watcher)
+            await async_wait_for(mirrors, 30, "the index to mirror the cache after the gap")
             assert watcher.resyncs == 1
             await watcher.stop()
         finally:

@@ -19,6 +19,11 @@ class ModelLoadError(KVRelayError):
     """A weights path is missing, unreadable, or not a format we load."""
 
 
+class KVTransferError(KVRelayError):
+    """Pulling KV from a prefill worker failed (it is gone, its lease expired, the link broke): the
+    decode worker is fine, and the request can be prefilled again elsewhere."""
+
+
 class CacheFullError(KVRelayError):
     """The KV cache cannot hold a request even when it runs alone."""
 

@@ -63,6 +63,34 @@ class WorkerSettings(BaseSettings):
         return f"{host}:{self.port}"
 
 
+class AdmissionSettings(BaseModel):
+    """Back-pressure at the gateway: what may wait for a first token before new work gets a 429."""
+
+    model_config = {"extra": "forbid"}
+
+    max_waiting_per_worker: int = Field(
+        16, gt=0, description="requests waiting for their first token, per worker of the prefilling pool"
+    )
+    max_queued_prompt_tokens_per_worker: int = Field(
+        8192, gt=0, description="prompt tokens waiting to be prefilled, per worker of the prefilling pool"
+    )
+    batch_share: float = Field(
+        0.5, gt=0, le=1, description="batch-priority requests are shed once the queue is this full"
+    )
+    retry_after_s: float = Field(1.0, gt=0, description="Retry-After sent with a 429")
+
+
+class MigrationSettings(BaseModel):
+    """How hard the gateway tries before a request fails: retries before the first token, migration
+    of a running stream to another worker after it."""
+
+    model_config = {"extra": "forbid"}
+
+    max_attempts: int = Field(3, ge=1, description="attempts per request, the first included")
+    deadline_s: float = Field(120.0, gt=0, description="no new attempt starts this long after arrival")
+    stall_timeout_s: float = Field(30.0, gt=0, description="a worker that sends no token this long has stalled")
+
+
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KVRELAY_", env_nested_delimiter="__", extra="forbid")
 
@@ -82,6 +110,14 @@ class GatewaySettings(BaseSettings):
     scheduler_config: str | None = Field(None, description="scheduler YAML (profiles, weights); default built in")
     registry: str | None = Field(None, description="redis:// URL: discover workers and share KV events there")
     registry_prefix: str = Field("kvrelay", min_length=1, description="key prefix shared by one deployment")
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    migration: MigrationSettings = Field(default_factory=MigrationSettings)
+    header_timeout_s: float = Field(10.0, gt=0, description="a client must send its request headers within this")
+    write_timeout_s: float = Field(30.0, gt=0, description="a client that reads nothing for this long is cut off")
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="on SIGTERM: most time for running requests to end")
+    drain_notice_s: float = Field(
+        2.0, ge=0, description="on SIGTERM: answer /ready with 503 this long before refusing new requests"
+    )
     tracing: TracingSettings = Field(default_factory=TracingSettings)
 
 

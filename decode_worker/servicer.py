@@ -13,7 +13,7 @@ from opentelemetry import trace
 
 from common.engine.async_engine import AsyncEngine
 from common.engine.outputs import RequestOutput
-from common.errors import KVRelayError
+from common.errors import KVRelayError, KVTransferError
 from common.rpc import decode_pb2, decode_pb2_grpc, types_pb2
 from common.rpc.channels import ChannelPool
 from common.rpc.convert import layout_from_proto, params_from_proto
@@ -25,7 +25,7 @@ _tracer = trace.get_tracer(__name__)
 _PULL_MARGIN_S = 1.0  # leave this much of the lease for the pull itself
 
 
-class LeaseExpiredError(KVRelayError):
+class LeaseExpiredError(KVTransferError):
     """The prefill side had already freed the blocks when we released them: what we read may be stale."""
 
 
@@ -70,7 +70,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                         "kvrelay.transfer.blocks": len(dst),
                     }
                 )
-                result = await client.pull(handle, dst, timeout=self.transfer_timeout_s)
+                try:
+                    result = await client.pull(handle, dst, timeout=self.transfer_timeout_s)
+                except (grpc.aio.AioRpcError, OSError, TimeoutError, KVRelayError, RuntimeError) as e:
+                    # The source failed, not this worker: say so, so the gateway re-prefills elsewhere.
+                    raise KVTransferError(f"pulling KV of {rid!r} from {handle.worker_id} failed: {e}") from e
                 tspan.set_attributes(
                     {
                         "kvrelay.transfer.bytes": result.bytes,
@@ -78,7 +82,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                         "kvrelay.transfer.gbps": result.bytes / max(result.seconds, 1e-9) / 1e9,
                     }
                 )
-                if not await release(self.channels, handle):
+                try:
+                    released = await release(self.channels, handle)
+                except grpc.aio.AioRpcError as e:
+                    raise KVTransferError(f"releasing the KV of {rid!r} on {handle.worker_id} failed: {e}") from e
+                if not released:
                     raise LeaseExpiredError(
                         f"the KV lease of {rid!r} expired on {handle.worker_id} before the pull finished; retry"
                     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -18,19 +19,25 @@ from common.rpc.channels import ChannelPool
 from common.settings import GatewaySettings
 from common.tokenizer import Tokenizer
 from common.tracing.setup import init_tracing, shutdown_tracing
+from gateway.accounting import RequestAccounting
+from gateway.admission import PRIORITIES, Admission
+from gateway.client_gone import ClientGoneError
 from gateway.discovery import RedisDiscovery, StaticDiscovery
 from gateway.errors import APIError, api_error_handler, unexpected_error_handler
+from gateway.http_limits import WriteTimeoutMiddleware
 from gateway.kv_event_stream import RedisKVEventWatcher
 from gateway.kv_events import KVEventWatcher
-from gateway.metrics import REQUESTS, WORKERS_UP
+from gateway.lifecycle import Lifecycle
+from gateway.metrics import WORKERS_UP
 from gateway.orchestrator import Orchestrator
-from gateway.prepare import Preparer, parse_body
+from gateway.prepare import Prepared, Preparer, parse_body
 from gateway.registry import WorkerRegistry
 from gateway.responses import Responder, Shape
 from gateway.scheduling.config import load_config
 from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.scheduler import Scheduler
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.supervisor import Supervisor
 from gateway.tracing import TracingMiddleware
 
 
@@ -55,7 +62,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     scheduler = Scheduler(load_config(settings.scheduler_config), index)
     orchestrator = Orchestrator(registry, channels, settings, scheduler)
     preparer = Preparer(tokenizer, {model_name, source.model_id}, max_model_len, settings)
-    responder = Responder(orchestrator, tokenizer, model_name)
+    supervisor = Supervisor(orchestrator, registry, settings.migration)
+    responder = Responder(supervisor, Admission(settings.admission, registry), tokenizer, model_name)
+    lifecycle = Lifecycle(settings.drain_notice_s, settings.shutdown_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
@@ -78,25 +87,35 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_exception_handler(Exception, unexpected_error_handler)
     app.state.registry = registry
     app.state.settings = settings
+    app.state.lifecycle = lifecycle
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):  # noqa: ANN001, ANN202
-        response = await call_next(request)
-        route = request.scope.get("route")
-        REQUESTS.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(RequestAccounting, lifecycle=lifecycle)
+    app.add_middleware(WriteTimeoutMiddleware, write_timeout_s=settings.write_timeout_s)
     app.add_middleware(TracingMiddleware)  # added last: outermost, so its span covers everything
+
+    async def generate(
+        request: Request, shape: Shape, request_id: str, prep: Prepared, priority: str | None
+    ) -> Response:
+        prep.priority = _priority(request, priority)
+        try:
+            return await responder.respond(shape, request_id, prep, request)
+        except ClientGoneError:
+            return Response(status_code=499)  # nobody reads it: the client has gone
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
+        lifecycle.check_accepting()
         body = await parse_body(request, ChatCompletionRequest)
-        return await responder.respond(Shape("chat"), f"chatcmpl-{uuid.uuid4().hex}", preparer.chat(body))
+        # Tokenizing and templating run off the event loop: a huge prompt must not stall other requests.
+        prep = await asyncio.to_thread(preparer.chat, body)
+        return await generate(request, Shape("chat"), f"chatcmpl-{uuid.uuid4().hex}", prep, body.priority)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        lifecycle.check_accepting()
         body = await parse_body(request, CompletionRequest)
-        return await responder.respond(Shape("text"), f"cmpl-{uuid.uuid4().hex}", preparer.completion(body))
+        prep = await asyncio.to_thread(preparer.completion, body)
+        return await generate(request, Shape("text"), f"cmpl-{uuid.uuid4().hex}", prep, body.priority)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -119,6 +138,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
+        if lifecycle.draining:
+            return JSONResponse({"ready": False, "mode": "draining", "workers": {}}, status_code=503)
         errors = registry.layout_errors()
         detail = {}
         pools = {}
@@ -143,3 +164,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _priority(request: Request, field: str | None) -> str:
+    """The request's priority class: the X-Kvrelay-Priority header, else the body's `priority`."""
+    value = request.headers.get("x-kvrelay-priority") or field or "interactive"
+    if value not in PRIORITIES:
+        raise APIError(400, f"priority must be one of {list(PRIORITIES)}, got {value!r}", param="priority")
+    return value

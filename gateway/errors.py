@@ -19,18 +19,32 @@ class APIError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.worker: str | None = None  # the worker that failed, for errors that come from one
-
-    @property
-    def retryable(self) -> bool:
-        """The worker went away before doing anything for this request: another one can serve it."""
-        return self.code == "worker_unavailable"
+        self.retry_after = retry_after  # seconds, sent as Retry-After (429 and 503)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after is not None else {}
+
+
+class WorkerFailure(APIError):
+    """A worker failed one attempt at a request: it died, stalled, refused or errored. Another worker
+    may well serve the request; whether to try is the supervisor's decision (`recoverable`)."""
+
+    def __init__(self, status: int, message: str, worker: str, stage: str, code: str, type_: str = "server_error"):
+        super().__init__(status, message, type_, None, code)
+        self.worker = worker
+        self.stage = stage  # "prefill" | "decode"
+
+    @property
+    def recoverable(self) -> bool:
+        """False only when the request itself is at fault (another worker would refuse it too)."""
+        return self.status != 400
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -45,21 +59,23 @@ _GRPC_TO_HTTP = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: (503, "server_error", "overloaded"),
     grpc.StatusCode.UNAVAILABLE: (503, "server_error", "worker_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error", "timeout"),
+    grpc.StatusCode.ABORTED: (502, "server_error", "kv_transfer_failed"),
 }
 
 
-def from_grpc(err: grpc.aio.AioRpcError, worker: str) -> APIError:
+def from_grpc(err: grpc.aio.AioRpcError, worker: str, stage: str) -> WorkerFailure:
     status, type_, code = _GRPC_TO_HTTP.get(err.code(), (502, "server_error", "worker_error"))
-    param = dict(err.trailing_metadata() or ()).get("kvrelay-param") if status == 400 else None
     details = err.details() or err.code().name
-    message = details if status == 400 else f"worker {worker}: {details}"
-    e = APIError(status, message, type_, param, code)
-    e.worker = worker
+    message = details if status == 400 else f"{stage} worker {worker}: {details}"
+    e = WorkerFailure(status, message, worker, stage, code or "invalid_request", type_)
+    if status == 400:
+        e.code = None
+        e.param = dict(err.trailing_metadata() or ()).get("kvrelay-param")
     return e
 
 
 async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
 async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -38,3 +38,12 @@ KV_EVENT_RESYNCS = Counter(
 RETRIES = Counter(
     "kvrelay_gateway_retries_total", "Requests re-routed because a worker was unavailable before the first token"
 )
+MIGRATIONS = Counter(
+    "kvrelay_gateway_migrations_total",
+    "Running streams moved to another worker after theirs failed, by reason",
+    ["reason"],
+)
+REJECTED = Counter(
+    "kvrelay_gateway_rejected_total", "Requests refused with 429 by admission control", ["priority", "reason"]
+)
+WAITING = Gauge("kvrelay_gateway_requests_waiting", "Admitted requests waiting for their first token")

@@ -1,14 +1,18 @@
-"""One request through the workers: prefill → first token to the client → decode (KV pulled by the
-decode worker) → the rest. With no prefill worker up, the decode worker prefills locally."""
+"""One attempt at a request over one route: prefill → first token → decode (KV pulled by the
+decode worker) → the rest; or, with no prefill worker chosen, the decode worker prefills locally.
+
+An attempt yields `Delta`s and ends in one of two ways: a delta with `finished`, or a
+`WorkerFailure` naming the stage and worker that failed. Deciding what to do about a failure
+(retry elsewhere, migrate the stream, give up) belongs to `gateway.supervisor`, not here.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from opentelemetry import trace
@@ -21,10 +25,11 @@ from common.rpc.channels import ChannelPool
 from common.rpc.convert import params_to_proto
 from common.settings import GatewaySettings
 from common.tracing.grpc_context import outgoing_metadata
-from gateway.errors import APIError, from_grpc
-from gateway.metrics import CHOSEN, DECISIONS, PREFIX_TOKENS
+from gateway.errors import APIError, WorkerFailure, from_grpc
+from gateway.inflight import Charge, InflightLedger
+from gateway.metrics import CHOSEN, DECISIONS
 from gateway.registry import WorkerRegistry
-from gateway.scheduling.scheduler import NoCandidateError, Scheduler
+from gateway.scheduling.scheduler import NoCandidateError, NoCapacityError, Scheduler
 from gateway.scheduling.types import RequestInfo, ScoredCandidate
 
 log = logging.getLogger(__name__)
@@ -40,17 +45,23 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    transfer: dict | None = None  # set on the first decode delta of a disaggregated attempt
 
 
-@dataclass
+@dataclass(frozen=True)
 class Route:
     mode: str  # "disaggregated" | "colocated" (the decode worker prefills)
     prefill: str | None
     decode: str
     reason: str = "pd"  # the P/D decider's reason
     predicted_cached_tokens: int = 0
-    workers: tuple[str, ...] = ()  # worker ids charged with this request's in-flight tokens
-    transfer: dict = field(default_factory=dict)
+    prefill_id: str | None = None
+    decode_id: str = ""
+
+    @property
+    def workers(self) -> tuple[str, ...]:
+        """Worker ids charged with this request's in-flight tokens."""
+        return (self.prefill_id, self.decode_id) if self.prefill_id else (self.decode_id,)
 
 
 class Orchestrator:
@@ -61,12 +72,13 @@ class Orchestrator:
         self.channels = channels
         self.settings = settings
         self.scheduler = scheduler
-        self.inflight: Counter[str] = Counter()  # worker id -> prompt tokens sent, not yet finished
+        self.ledger = InflightLedger()
         self._background: set[asyncio.Task] = set()
 
-    def route(self, prompt_ids: list[int]) -> Route:
+    def route(self, prompt_ids: list[int], avoid: frozenset[str] = frozenset()) -> Route:
+        """Choose workers for this prompt, never one of `avoid` (addresses that just failed it)."""
         with _tracer.start_as_current_span("schedule") as span:
-            route = self._route(prompt_ids, span)
+            route = self._route(prompt_ids, avoid, span)
             span.set_attributes(
                 {
                     "kvrelay.schedule.mode": route.mode,
@@ -78,16 +90,23 @@ class Orchestrator:
             )
             return route
 
-    def _route(self, prompt_ids: list[int], span: trace.Span) -> Route:
-        ref = self.registry.reference_layout()
-        bs = ref.block_size if ref is not None else 16
+    def _route(self, prompt_ids: list[int], avoid: frozenset[str], span: trace.Span) -> Route:
+        bs = self.registry.block_size()
         req = RequestInfo(len(prompt_ids), tuple(block_hashes(prompt_ids, bs)), bs)
         errors = self.registry.layout_errors()
         pools: dict[str, list] = {"prefill": [], "decode": []}
         for w in self.registry.workers.values():
-            pools[w.role].append(w.candidate(errors.get(w.address), self.inflight[w.worker_id]))
+            if w.address in avoid:
+                continue
+            pending = self.ledger.pending_blocks(w.worker_id, w.last_seen) if w.role == "decode" else 0
+            pools[w.role].append(w.candidate(errors.get(w.address), self.ledger.tokens[w.worker_id], pending))
         try:
             sched = self.scheduler.schedule(req, pools["prefill"], pools["decode"])
+        except NoCapacityError as e:
+            span.set_status(Status(StatusCode.ERROR, str(e)))
+            raise APIError(
+                429, str(e), "server_overloaded", code="kv_cache_full", retry_after=self.settings.retry_after_s
+            ) from e
         except NoCandidateError as e:
             span.set_status(Status(StatusCode.ERROR, str(e)))
             raise APIError(503, str(e), "server_error", code="no_workers") from e
@@ -102,62 +121,55 @@ class Orchestrator:
         DECISIONS.labels("pd" if sched.prefill else "decode_only", sched.decision.reason).inc()
         decode = sched.decode.candidate
         CHOSEN.labels("decode", decode.worker_id).inc()
-        if sched.prefill is not None:
-            CHOSEN.labels("prefill", sched.prefill.candidate.worker_id).inc()
-        if sched.prefill is None:
-            return Route(
-                "colocated",
-                None,
-                decode.address,
-                sched.decision.reason,
-                sched.predicted_cached_tokens,
-                (decode.worker_id,),
-            )
-        prefill = sched.prefill.candidate
+        prefill = sched.prefill.candidate if sched.prefill is not None else None
+        if prefill is not None:
+            CHOSEN.labels("prefill", prefill.worker_id).inc()
         return Route(
-            "disaggregated",
-            prefill.address,
+            "disaggregated" if prefill else "colocated",
+            prefill.address if prefill else None,
             decode.address,
             sched.decision.reason,
             sched.predicted_cached_tokens,
-            (prefill.worker_id, decode.worker_id),
+            prefill.worker_id if prefill else None,
+            decode.worker_id,
         )
 
-    async def generate(
+    async def attempt(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, route: Route
     ) -> AsyncIterator[Delta]:
-        for w in route.workers:
-            self.inflight[w] += len(prompt_ids)
-        actual = None
+        """Serve the request once over `route`. Raises WorkerFailure when a worker fails it."""
+        block_size = self.registry.block_size()
+        blocks = -(-(len(prompt_ids) + 1) // block_size)
+        charge = self.ledger.charge(route.workers, len(prompt_ids), route.decode_id, blocks)
         try:
-            async for delta in self._generate(request_id, prompt_ids, params, route):
-                if actual is None:
-                    actual = delta.cached_tokens
-                    PREFIX_TOKENS.labels("predicted").inc(route.predicted_cached_tokens)
-                    PREFIX_TOKENS.labels("actual").inc(actual)
-                yield delta
-        finally:
-            for w in route.workers:
-                self.inflight[w] -= len(prompt_ids)
-                if self.inflight[w] <= 0:
-                    del self.inflight[w]
-
-    async def _generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, route: Route
-    ) -> AsyncIterator[Delta]:
-        wire = params_to_proto(params)
-        if route.prefill is None:
-            with _client_span("decode", route.decode) as span:
-                stub = decode_pb2_grpc.DecodeServiceStub(self.channels.get(route.decode))
-                call = stub.Generate(
-                    decode_pb2.GenerateRequest(request_id=request_id, token_ids=prompt_ids, params=wire),
-                    timeout=self.settings.request_timeout_s,
-                    metadata=outgoing_metadata(),
-                )
-                async for delta in self._stream(call, route.decode, route, params, span):
+            if route.prefill is None:
+                deltas = self._colocated(request_id, prompt_ids, params, route, charge)
+            else:
+                deltas = self._disaggregated(request_id, prompt_ids, params, route, charge)
+            async with contextlib.aclosing(deltas):
+                async for delta in deltas:
                     yield delta
-            return
+        finally:
+            self.ledger.settle(charge)
 
+    async def _colocated(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, route: Route, charge: Charge
+    ) -> AsyncIterator[Delta]:
+        with _client_span("decode", route.decode) as span:
+            stub = decode_pb2_grpc.DecodeServiceStub(self.channels.get(route.decode))
+            call = stub.Generate(
+                decode_pb2.GenerateRequest(request_id=request_id, token_ids=prompt_ids, params=params_to_proto(params)),
+                timeout=self.settings.request_timeout_s,
+                metadata=outgoing_metadata(),
+            )
+            async for delta in self._stream(call, route.decode, "decode", params, span, charge):
+                yield delta
+
+    async def _disaggregated(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, route: Route, charge: Charge
+    ) -> AsyncIterator[Delta]:
+        assert route.prefill is not None
+        wire = params_to_proto(params)
         with _client_span("prefill", route.prefill) as span:
             prefill = prefill_pb2_grpc.PrefillServiceStub(self.channels.get(route.prefill))
             try:
@@ -168,10 +180,10 @@ class Orchestrator:
                 )
             except grpc.aio.AioRpcError as e:
                 span.set_status(Status(StatusCode.ERROR, e.code().name))
-                raise from_grpc(e, route.prefill) from e
+                raise from_grpc(e, route.prefill, "prefill") from e
             span.set_attribute("kvrelay.prefix.actual_cached_tokens", resp.usage.cached_tokens)
         cached = resp.usage.cached_tokens
-        yield Delta(
+        first = Delta(
             [resp.first_token],
             resp.finished,
             resp.finish_reason or None,
@@ -181,10 +193,13 @@ class Orchestrator:
             cached,
         )
         if resp.finished:
+            yield first
             return
         handle = resp.handle
-        finished = False
+        released = False
         try:
+            # Inside the try: a client that leaves right after the first token must unpin the KV too.
+            yield first
             with _client_span("decode", route.decode) as span:
                 stub = decode_pb2_grpc.DecodeServiceStub(self.channels.get(route.decode))
                 call = stub.Decode(
@@ -199,26 +214,58 @@ class Orchestrator:
                     timeout=self.settings.request_timeout_s,
                     metadata=outgoing_metadata(),
                 )
-                async for delta in self._stream(call, route.decode, route, params, span):
-                    delta.cached_tokens = cached
-                    finished = delta.finished
-                    yield delta
+                try:
+                    async for delta in self._stream(call, route.decode, "decode", params, span, charge):
+                        released = True  # the decode worker released the prefill KV before its first chunk
+                        delta.cached_tokens = cached
+                        yield delta
+                except WorkerFailure as e:
+                    if e.code == "kv_transfer_failed":  # the prefill side failed the pull, not the decode worker
+                        e.worker, e.stage = route.prefill, "transfer"
+                    raise
         finally:
-            if not finished:
+            if not released:
                 # Decode failed or the client went away: unpin the prefill KV now, not at lease expiry.
                 # Idempotent: a no-op if the decode worker had already released it.
                 self._spawn(self._release(route.prefill, handle.request_id))
 
     async def _stream(
-        self, call: grpc.aio.UnaryStreamCall, worker: str, route: Route, params: SamplingParams, span: trace.Span
+        self,
+        call: grpc.aio.UnaryStreamCall,
+        worker: str,
+        stage: str,
+        params: SamplingParams,
+        span: trace.Span,
+        charge: Charge,
     ) -> AsyncIterator[Delta]:
+        """The worker's chunks as deltas. A gap longer than stall_timeout_s between two chunks is a
+        stalled worker: the call is cancelled and the attempt fails (the supervisor migrates)."""
         done = False
+        chunks = aiter(call)
         try:
-            async for chunk in call:
+            while not done:
+                try:
+                    async with asyncio.timeout(self.settings.migration.stall_timeout_s):
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    raise WorkerFailure(
+                        502, f"worker {worker} ended the stream without finishing", worker, stage, "worker_lost"
+                    ) from None
+                except TimeoutError:
+                    span.set_status(Status(StatusCode.ERROR, "stalled"))
+                    raise WorkerFailure(
+                        504,
+                        f"worker {worker} sent no token for {self.settings.migration.stall_timeout_s:.0f}s",
+                        worker,
+                        stage,
+                        "worker_stalled",
+                    ) from None
+                self.ledger.reserved(charge)
+                transfer = None
                 if chunk.HasField("transfer"):
                     t = chunk.transfer
-                    route.transfer = {"backend": t.backend, "blocks": t.blocks, "bytes": t.bytes, "seconds": t.seconds}
-                    span.add_event("kv_received", {f"kvrelay.transfer.{k}": v for k, v in route.transfer.items()})
+                    transfer = {"backend": t.backend, "blocks": t.blocks, "bytes": t.bytes, "seconds": t.seconds}
+                    span.add_event("kv_received", {f"kvrelay.transfer.{k}": v for k, v in transfer.items()})
                 done = chunk.finished
                 yield Delta(
                     list(chunk.token_ids),
@@ -228,13 +275,14 @@ class Orchestrator:
                     chunk.usage.prompt_tokens,
                     chunk.usage.completion_tokens,
                     chunk.usage.cached_tokens,
+                    transfer,
                 )
         except grpc.aio.AioRpcError as e:
             span.set_status(Status(StatusCode.ERROR, e.code().name))
-            raise from_grpc(e, worker) from e
+            raise from_grpc(e, worker, stage) from e
         finally:
             if not done:
-                call.cancel()  # the client went away: the worker aborts and frees the blocks
+                call.cancel()  # the client went away or the worker failed: it aborts and frees the blocks
 
     async def _release(self, address: str, request_id: str) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):

@@ -26,6 +26,7 @@ class Prepared:
     stream: bool
     include_usage: bool
     return_token_ids: bool = False
+    priority: str = "interactive"  # "interactive" | "batch"
 
 
 async def parse_body(request: Request, model: type[M]) -> M:

@@ -38,7 +38,7 @@ class WorkerState:
     def worker_id(self) -> str:
         return self.stats.worker_id if self.stats else self.address
 
-    def candidate(self, layout_error: str | None, inflight_tokens: int) -> Candidate:
+    def candidate(self, layout_error: str | None, inflight_tokens: int, pending_blocks: int = 0) -> Candidate:
         s = self.stats
         return Candidate(
             worker_id=self.worker_id,
@@ -52,6 +52,7 @@ class WorkerState:
             free_blocks=s.free_blocks if s else 0,
             total_blocks=s.total_blocks if s else 1,
             inflight_tokens=inflight_tokens,
+            pending_blocks=pending_blocks,
         )
 
 
@@ -98,6 +99,10 @@ class WorkerRegistry:
             if w.stats and w.stats.model_id == self.model_id:
                 return w.stats.layout
         return None
+
+    def block_size(self) -> int:
+        ref = self.reference_layout()
+        return ref.block_size if ref is not None else 16
 
     def layout_errors(self) -> dict[str, str]:
         """address -> why that worker must not be chosen (wrong model, or a layout that differs)."""

@@ -1,5 +1,10 @@
 """Run a prepared request and answer it as OpenAI does: one JSON body, or SSE chunks ending in
-`data: [DONE]`. Chat and text completions differ only in how a chunk and a body are shaped."""
+`data: [DONE]`. Chat and text completions differ only in how a chunk and a body are shaped.
+
+Every accepted request ends in tokens or an explicit error: before the first token, errors get
+their HTTP status (429 with Retry-After when over capacity); after it, a stream that cannot be
+continued ends with an SSE event carrying an OpenAI error object, never a silent stop.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,25 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+from starlette.requests import Request
 
 from common.tracing.setup import capture_content
+from gateway.admission import Admission
+from gateway.client_gone import unless_client_leaves
 from gateway.detokenizer import StreamDetokenizer
 from gateway.errors import APIError
-from gateway.metrics import E2E, OUTPUT_TOKENS, PROMPT_TOKENS, RETRIES, ROUTED, RUNNING, TPOT, TTFT
-from gateway.orchestrator import Delta, Orchestrator, Route
+from gateway.metrics import E2E, OUTPUT_TOKENS, PROMPT_TOKENS, REJECTED, ROUTED, RUNNING, TPOT, TTFT
+from gateway.orchestrator import Delta
 from gateway.prepare import Prepared
+from gateway.supervisor import Outcome, Supervisor
 
 log = logging.getLogger(__name__)
-_ATTEMPTS = 2
 
 
 @dataclass(frozen=True)
@@ -62,33 +72,32 @@ def _usage(last: Delta) -> dict:
 
 
 class Responder:
-    def __init__(self, orchestrator: Orchestrator, tokenizer, model_name: str) -> None:  # noqa: ANN001
-        self.orchestrator = orchestrator
+    def __init__(self, supervisor: Supervisor, admission: Admission, tokenizer, model_name: str) -> None:  # noqa: ANN001
+        self.supervisor = supervisor
+        self.admission = admission
         self.tokenizer = tokenizer
         self.model_name = model_name
 
-    async def respond(self, shape: Shape, request_id: str, prep: Prepared) -> JSONResponse | StreamingResponse:
+    async def respond(
+        self, shape: Shape, request_id: str, prep: Prepared, request: Request
+    ) -> JSONResponse | StreamingResponse:
         span = trace.get_current_span()
         self._trace_request(span, shape, request_id, prep)
         t0 = time.perf_counter()
+        outcome = Outcome()
         # Wait for the first token before answering, so that early failures get a proper HTTP status.
-        # A worker that went away before producing anything (it stopped, or is draining) costs one
-        # retry on another worker, not the client's request.
-        for attempt in range(_ATTEMPTS):
-            route = self.orchestrator.route(prep.prompt_ids)
-            deltas = self._timed(
-                self.orchestrator.generate(request_id, prep.prompt_ids, prep.params, route), route, t0, prep, span
-            )
-            try:
-                first = await anext(deltas)
-                break
-            except APIError as e:
-                if not e.retryable or attempt + 1 == _ATTEMPTS:
-                    raise
-                log.warning("retrying request %s elsewhere: %s", request_id, e.message)
-                span.add_event("retry", {"kvrelay.retry.reason": e.code or "", "kvrelay.retry.worker": e.worker or ""})
-                RETRIES.inc()
-                self.orchestrator.registry.mark_down(e.worker or "", e.message)
+        try:
+            with self.admission.ticket(len(prep.prompt_ids), prep.priority):
+                deltas = self._timed(
+                    self.supervisor.serve(request_id, prep.prompt_ids, prep.params, outcome), outcome, t0, prep, span
+                )
+                first = await unless_client_leaves(anext(deltas), request)
+        except APIError as e:
+            if e.status == 429:
+                REJECTED.labels(prep.priority, e.code or "").inc()
+            raise
+        route = outcome.first_route
+        assert route is not None
         ROUTED.labels(route.mode).inc()
         headers = {
             "X-Request-Id": request_id,
@@ -100,13 +109,9 @@ class Responder:
         }
         if prep.stream:
             return StreamingResponse(
-                self._sse(shape, request_id, prep, first, deltas), media_type="text/event-stream", headers=headers
+                self._sse(shape, request_id, prep, first, deltas, span), media_type="text/event-stream", headers=headers
             )
-        ids = list(first.token_ids)
-        last = first
-        async for d in deltas:
-            ids += d.token_ids
-            last = d
+        ids, last = await unless_client_leaves(_collect(first, deltas), request)
         detok = StreamDetokenizer(self.tokenizer, prep.params.stop)
         text = detok.push(ids) + detok.finish(last.text)
         body = {
@@ -122,7 +127,13 @@ class Responder:
         return JSONResponse(body, headers=headers)
 
     async def _sse(
-        self, shape: Shape, request_id: str, prep: Prepared, first: Delta, rest: AsyncIterator[Delta]
+        self,
+        shape: Shape,
+        request_id: str,
+        prep: Prepared,
+        first: Delta,
+        rest: AsyncIterator[Delta],
+        span: trace.Span,
     ) -> AsyncIterator[str]:
         created = int(time.time())
         detok = StreamDetokenizer(self.tokenizer, prep.params.stop)
@@ -142,17 +153,26 @@ class Responder:
         if shape.kind == "chat":
             yield event([shape.chunk_choice("", None, first=True)])
         last = first
-        async for d in _achain(first, rest):
-            last = d
-            text = detok.push(d.token_ids)
-            if d.finished:
-                text += detok.finish(d.text)
-            if not (d.finished or text or prep.return_token_ids):
-                continue
-            choice = shape.chunk_choice(text, d.finish_reason if d.finished else None, first=False)
-            if prep.return_token_ids:
-                choice["token_ids"] = d.token_ids
-            yield event([choice])
+        try:
+            async with aclosing(rest):
+                async for d in _achain(first, rest):
+                    last = d
+                    text = detok.push(d.token_ids)
+                    if d.finished:
+                        text += detok.finish(d.text)
+                    if not (d.finished or text or prep.return_token_ids):
+                        continue
+                    choice = shape.chunk_choice(text, d.finish_reason if d.finished else None, first=False)
+                    if prep.return_token_ids:
+                        choice["token_ids"] = d.token_ids
+                    yield event([choice])
+        except APIError as e:
+            # The stream cannot be continued (the retry and migration budget is spent): say so in the
+            # stream, where the client's SDK raises it, and close without [DONE].
+            log.warning("stream %s failed after it started: %s", request_id, e.message)
+            span.set_status(Status(StatusCode.ERROR, e.code or "error"))
+            yield f"data: {json.dumps(e.body())}\n\n"
+            return
         if prep.include_usage:
             yield event([], _usage(last))
         yield "data: [DONE]\n\n"
@@ -169,30 +189,32 @@ class Responder:
                 "gen_ai.usage.input_tokens": len(prep.prompt_ids),
                 "kvrelay.request_id": request_id,
                 "kvrelay.stream": prep.stream,
+                "kvrelay.priority": prep.priority,
             }
         )
         if capture_content():
             span.set_attribute("gen_ai.prompt", self.tokenizer.decode(prep.prompt_ids))
 
     async def _timed(
-        self, deltas: AsyncIterator[Delta], route: Route, t0: float, prep: Prepared, span: trace.Span
+        self, deltas: AsyncIterator[Delta], outcome: Outcome, t0: float, prep: Prepared, span: trace.Span
     ) -> AsyncIterator[Delta]:
         """Metrics and span attributes of one request, as its tokens pass."""
-        mode = route.mode
         RUNNING.inc()
         first_at = None
         ids: list[int] = []
         last: Delta | None = None
         try:
-            async for d in deltas:
-                if first_at is None:
-                    first_at = time.perf_counter()
-                    TTFT.labels(mode).observe(first_at - t0)
-                    span.add_event("first_token", {"kvrelay.ttft_seconds": first_at - t0})
-                ids += d.token_ids
-                last = d
-                yield d
+            async with aclosing(deltas):
+                async for d in deltas:
+                    if first_at is None:
+                        first_at = time.perf_counter()
+                        TTFT.labels(_mode(outcome)).observe(first_at - t0)
+                        span.add_event("first_token", {"kvrelay.ttft_seconds": first_at - t0})
+                    ids += d.token_ids
+                    last = d
+                    yield d
             end = time.perf_counter()
+            mode = _mode(outcome)
             E2E.labels(mode).observe(end - t0)
             PROMPT_TOKENS.inc(len(prep.prompt_ids))
             OUTPUT_TOKENS.inc(len(ids))
@@ -200,25 +222,42 @@ class Responder:
             if tpot is not None:
                 TPOT.labels(mode).observe(tpot)
             if last is not None:
-                span.set_attributes(_outcome(route, last, len(ids), tpot))
+                span.set_attributes(_attributes(outcome, last, len(ids), tpot))
             if capture_content():
                 span.set_attribute("gen_ai.completion", self.tokenizer.decode(ids))
         finally:
             RUNNING.dec()
 
 
-def _outcome(route: Route, last: Delta, output_tokens: int, tpot: float | None) -> dict:
+def _mode(outcome: Outcome) -> str:
+    return outcome.route.mode if outcome.route else "unknown"
+
+
+def _attributes(outcome: Outcome, last: Delta, output_tokens: int, tpot: float | None) -> dict:
+    route = outcome.first_route
     attrs = {
         "gen_ai.usage.output_tokens": output_tokens,
         "gen_ai.response.finish_reasons": (last.finish_reason or "unknown",),
-        "kvrelay.mode": route.mode,
-        "kvrelay.prefix.predicted_cached_tokens": route.predicted_cached_tokens,
+        "kvrelay.mode": _mode(outcome),
+        "kvrelay.prefix.predicted_cached_tokens": route.predicted_cached_tokens if route else 0,
         "kvrelay.prefix.actual_cached_tokens": last.cached_tokens,
         "kvrelay.tpot_seconds": tpot or 0.0,
+        "kvrelay.attempts": outcome.attempts,
+        "kvrelay.migrations": len(outcome.migrations),
     }
-    for k, v in route.transfer.items():
+    for k, v in outcome.transfer.items():
         attrs[f"kvrelay.transfer.{k}"] = v
     return attrs
+
+
+async def _collect(first: Delta, rest: AsyncIterator[Delta]) -> tuple[list[int], Delta]:
+    ids = list(first.token_ids)
+    last = first
+    async with aclosing(rest):
+        async for d in rest:
+            ids += d.token_ids
+            last = d
+    return ids, last
 
 
 async def _achain(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:

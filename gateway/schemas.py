@@ -42,6 +42,7 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     return_token_ids: bool = False  # extension: each choice also carries its output token ids
     user: str | None = None
+    priority: Literal["interactive", "batch"] | None = None  # extension; also the X-Kvrelay-Priority header
     logprobs: bool | int | None = None
 
 

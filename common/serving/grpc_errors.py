@@ -11,7 +11,14 @@ from typing import Any
 
 import grpc
 
-from common.errors import CacheFullError, InvalidRequestError, KVRelayError, ModelLoadError, UnknownRequestError
+from common.errors import (
+    CacheFullError,
+    InvalidRequestError,
+    KVRelayError,
+    KVTransferError,
+    ModelLoadError,
+    UnknownRequestError,
+)
 from common.kv.layout import KVLayoutMismatchError
 from common.tracing.grpc_context import mark_error, server_span
 
@@ -22,6 +29,7 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (KVLayoutMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (UnknownRequestError, grpc.StatusCode.NOT_FOUND),
     (CacheFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (KVTransferError, grpc.StatusCode.ABORTED),
     (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),

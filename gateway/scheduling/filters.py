@@ -28,4 +28,14 @@ class LayoutFilter:
         return c.layout_ok
 
 
-FILTERS = {f.type_name: f for f in (HealthFilter, NotDrainingFilter, LayoutFilter)}
+class KVFitFilter:
+    """A decode worker must have free blocks for the request's KV now (its last Stats, less the
+    blocks this gateway promised it since), or the import would wait out the prefill lease."""
+
+    type_name = "kv-fit"
+
+    def keep(self, c: Candidate, req: RequestInfo) -> bool:
+        return c.role != "decode" or c.free_blocks - c.pending_blocks >= req.blocks_needed
+
+
+FILTERS = {f.type_name: f for f in (HealthFilter, NotDrainingFilter, LayoutFilter, KVFitFilter)}

@@ -37,6 +37,10 @@ class NoCandidateError(RuntimeError):
     """No worker of a needed role passed the filters; the message says why each was dropped."""
 
 
+class NoCapacityError(NoCandidateError):
+    """Decode workers are up, but none has KV blocks free for this request now (back-pressure)."""
+
+
 @dataclass
 class Schedule:
     prefill: ScoredCandidate | None
@@ -104,7 +108,9 @@ class Scheduler:
     def schedule(self, req: RequestInfo, prefill_pool: list[Candidate], decode_pool: list[Candidate]) -> Schedule:
         decode_ok = self.decode.filter(decode_pool, req)
         if not decode_ok:
-            raise NoCandidateError(_why("decode", decode_pool))
+            why = _why("decode", decode_pool, req)
+            full = any(_dropped_by(c, req) == "KV cache full" for c in decode_pool)
+            raise (NoCapacityError if full else NoCandidateError)(why)
         prefill_ok = self.prefill.filter(prefill_pool, req)
         load_only = self.guard.imbalanced(prefill_ok)
         p_scored = self.prefill.score(prefill_ok, req, load_only) if prefill_ok else []
@@ -126,19 +132,20 @@ class Scheduler:
         )
 
 
-def _why(role: str, pool: list[Candidate]) -> str:
+def _dropped_by(c: Candidate, req: RequestInfo) -> str:
+    if not c.healthy:
+        return "unhealthy"
+    if c.draining:
+        return "draining"
+    if not c.layout_ok:
+        return "layout mismatch"
+    if not FILTERS["kv-fit"]().keep(c, req):
+        return "KV cache full"
+    return "filtered"
+
+
+def _why(role: str, pool: list[Candidate], req: RequestInfo) -> str:
     if not pool:
         return f"no {role} worker is registered"
-    reasons = []
-    for c in pool:
-        why = (
-            "unhealthy"
-            if not c.healthy
-            else "draining"
-            if c.draining
-            else "layout mismatch"
-            if not c.layout_ok
-            else "?"
-        )
-        reasons.append(f"{c.worker_id}: {why}")
-    return f"no {role} worker can take the request ({'; '.join(reasons)})"
+    reasons = "; ".join(f"{c.worker_id}: {_dropped_by(c, req)}" for c in pool)
+    return f"no {role} worker can take the request ({reasons})"

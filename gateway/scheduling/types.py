@@ -19,6 +19,7 @@ class Candidate:
     free_blocks: int = 1
     total_blocks: int = 1
     inflight_tokens: int = 0  # prompt tokens this gateway has sent and not yet seen finish
+    pending_blocks: int = 0  # KV blocks this gateway promised that the worker's Stats do not show yet
 
     @property
     def kv_usage(self) -> float:
@@ -35,6 +36,11 @@ class RequestInfo:
     prompt_tokens: int
     block_hashes: tuple[int, ...] = ()  # chained hashes of the prompt's full blocks
     block_size: int = 16
+
+    @property
+    def blocks_needed(self) -> int:
+        """KV blocks for the prompt and the first generated token."""
+        return -(-(self.prompt_tokens + 1) // max(1, self.block_size))
 
 
 @dataclass

@@ -1,0 +1,106 @@
+"""Streams survive the death or stall of their decode worker: the gateway migrates them, and with
+greedy sampling the client's one stream is token for token the uninterrupted output. When no
+worker is left, the stream ends with an OpenAI error event, never a silent stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import httpx
+import pytest
+
+from tests.integration.conftest import assert_workers_clean
+from tests.integration.client import model_id
+
+PROMPT = "tell me a long story about a ship and its crew"
+MAX_TOKENS = 300
+
+
+def _process(cluster, address: str):  # noqa: ANN001, ANN202
+    port = address.rsplit(":", 1)[1]
+    return next(p for name, p in cluster.cluster.procs if name.endswith(f"-{port}") and "gateway" not in name)
+
+
+async def _stream(url: str, on_tokens=None) -> dict:  # noqa: ANN001
+    """One greedy streamed chat; returns token ids, finish reason, usage, errors and whether [DONE] came."""
+    async with httpx.AsyncClient(timeout=60) as client:
+        body = {
+            "model": await model_id(client, url),
+            "messages": [{"role": "user", "content": PROMPT}],
+            "temperature": 0,
+            "max_tokens": MAX_TOKENS,
+            "ignore_eos": True,
+            "return_token_ids": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        got: dict = {"ids": [], "finish": None, "usage": None, "error": None, "done": False}
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200, await r.aread()
+            got["decode"] = r.headers["x-kvrelay-decode"]
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    got["done"] = True
+                elif line.startswith("data: {"):
+                    obj = json.loads(line[6:])
+                    if "error" in obj:
+                        got["error"] = obj["error"]
+                        continue
+                    got["usage"] = obj.get("usage") or got["usage"]
+                    for c in obj["choices"]:
+                        got["ids"] += c.get("token_ids", [])
+                        got["finish"] = c["finish_reason"] or got["finish"]
+                    if on_tokens is not None:
+                        await on_tokens(got)
+        return got
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+@pytest.mark.parametrize("fault", ["kill", "stall"])
+def test_a_stream_survives_its_decode_worker(cluster_factory, tiny_dir, fault):
+    env = {"KVRELAY_MIGRATION__STALL_TIMEOUT_S": "2"}
+    c = cluster_factory(tiny_dir, prefill=1, decode=2, env=env)
+    reference = asyncio.run(_stream(c.url))
+    assert reference["finish"] == "length" and len(reference["ids"]) == MAX_TOKENS
+
+    state: dict = {}
+
+    async def hurt_its_worker(got: dict) -> None:
+        if len(got["ids"]) >= 20 and "victim" not in state:
+            state["victim"] = proc = _process(c, got["decode"])
+            os.kill(proc.pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+            state["at"] = len(got["ids"])
+
+    got = asyncio.run(_stream(c.url, hurt_its_worker))
+    assert state["at"] < MAX_TOKENS  # the fault came mid-stream
+    assert got["error"] is None and got["done"] and got["finish"] == "length"
+    assert got["ids"] == reference["ids"]  # no token lost, none repeated, same tokens
+    assert got["usage"]["completion_tokens"] == MAX_TOKENS
+    assert got["usage"]["prompt_tokens"] == reference["usage"]["prompt_tokens"]
+    assert _metric(c.url, "kvrelay_gateway_migrations_total{") >= 1
+    survivors = [a for a in c.workers() if a != got["decode"]]
+    if fault == "stall":
+        os.kill(state["victim"].pid, signal.SIGCONT)  # it resumes, sees the cancelled call, frees the KV
+        survivors = c.workers()
+    asyncio.run(assert_workers_clean(survivors, wait_s=10))
+
+
+def test_a_stream_with_no_worker_left_ends_with_an_error_event(cluster_factory, tiny_dir):
+    c = cluster_factory(tiny_dir, prefill=1, decode=1)
+
+    async def kill_the_only_decode_worker(got: dict) -> None:
+        if len(got["ids"]) >= 10 and "killed" not in got:
+            got["killed"] = True
+            os.kill(_process(c, got["decode"]).pid, signal.SIGKILL)
+
+    got = asyncio.run(_stream(c.url, kill_the_only_decode_worker))
+    assert got["error"] is not None and got["error"]["type"] == "server_error", got
+    assert not got["done"] and got["finish"] is None
+    asyncio.run(assert_workers_clean(c.prefill, wait_s=10))

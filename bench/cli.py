@@ -58,18 +58,33 @@ def serve_cmd(
     compare: str = typer.Option(None, help="'colocated': also one colocated worker; 'tracing': traced vs untraced"),
     requests: int = typer.Option(30, help="requests per run"),
     rate: float = typer.Option(0.12, help="mean arrival rate, requests/s (Poisson); 0.12 is sustainable on 2 cores"),
+    rates: str = typer.Option(
+        None, help="overload mode: comma-separated arrival rates, lowest = unloaded baseline (e.g. 0.12,0.5,1.5)"
+    ),
     seed: int = typer.Option(0),
     slo_ttft: float = typer.Option(10.0, help="TTFT SLO for goodput, s"),
     slo_tpot: float = typer.Option(0.25, help="TPOT SLO for goodput, s"),
     plot: str = typer.Option("bench-serve.png", help="PNG of the latency distributions ('' for none)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
 ) -> None:
-    """Serving latency (TTFT, TPOT, end to end), throughput and goodput under Poisson load."""
-    from bench.serve_bench import run_serve_bench
+    """Serving latency (TTFT, TPOT, end to end), throughput and goodput under Poisson load; 429s are
+    counted apart. With --rates: the same cluster at an unloaded and overload rates, side by side."""
+    from bench.serve_bench import run_rates_bench, run_serve_bench
 
     if compare not in (None, "colocated", "tracing"):
         raise typer.BadParameter("use 'colocated' or 'tracing'", param_hint="--compare")
-    result = run_serve_bench(url, model, compare, requests, rate, seed, slo_ttft, slo_tpot, plot or None)
+    if rates is not None:
+        if compare is not None:
+            raise typer.BadParameter("--rates runs one cluster; drop --compare", param_hint="--rates")
+        try:
+            levels = [float(r) for r in rates.split(",")]
+        except ValueError as e:
+            raise typer.BadParameter(f"{rates!r}: use numbers like 0.12,0.5,1.5", param_hint="--rates") from e
+        if len(levels) < 2 or min(levels) <= 0:
+            raise typer.BadParameter("give at least two positive rates (an unloaded one first)", param_hint="--rates")
+        result = run_rates_bench(url, model, levels, requests, seed, slo_ttft, slo_tpot, plot or None)
+    else:
+        result = run_serve_bench(url, model, compare, requests, rate, seed, slo_ttft, slo_tpot, plot or None)
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 
@@ -95,4 +110,45 @@ def prefix_cmd(
     result = run_prefix_bench(
         model, prefill, decode, policies.split(","), requests, rate, prefixes, prefix_len, seed, kv_cache_mb or None
     )
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
+@bench_app.command("chaos")
+def chaos_cmd(
+    model: str = typer.Option(None, help="GGUF file or safetensors directory (default: SmolLM2-135M-Instruct)"),
+    minutes: float = typer.Option(5.0, help="how long traffic runs while workers are killed"),
+    kill_every_s: float = typer.Option(30.0, help="SIGKILL a random worker (and restart it) this often"),
+    rate: float = typer.Option(0.1, help="mean arrival rate, requests/s (Poisson); 0.1 suits 2 cores"),
+    prompts: int = typer.Option(16, help="distinct prompts (each gets a reference answer before the chaos)"),
+    long_share: float = typer.Option(0.3, help="share of the prompts that are long completions"),
+    long_tokens: int = typer.Option(1000, help="tokens per long prompt (capped by the model's context)"),
+    max_tokens: int = typer.Option(48, help="tokens generated per request at most"),
+    request_timeout_s: float = typer.Option(300.0, help="a stream not ended after this long counts as failed"),
+    settle_s: float = typer.Option(30.0, help="after traffic, how long workers get to free their KV"),
+    seed: int = typer.Option(0),
+    log_dir: str = typer.Option(None, help="keep every process's log here (default: a temporary directory)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
+) -> None:
+    """Crash workers under streaming traffic: failures, token mismatches against a reference, KV leaks."""
+    from bench.chaos_bench import ChaosConfig, run_chaos_bench
+
+    if minutes <= 0 or kill_every_s <= 0 or rate <= 0:
+        raise typer.BadParameter("--minutes, --kill-every-s and --rate must be positive")
+    if prompts < 1 or not 0 <= long_share <= 1:
+        raise typer.BadParameter("need --prompts >= 1 and 0 <= --long-share <= 1")
+    cfg = ChaosConfig(
+        model=model,
+        minutes=minutes,
+        kill_every_s=kill_every_s,
+        rate=rate,
+        prompts=prompts,
+        long_share=long_share,
+        long_tokens=long_tokens,
+        max_tokens=max_tokens,
+        request_timeout_s=request_timeout_s,
+        settle_s=settle_s,
+        seed=seed,
+        log_dir=log_dir,
+    )
+    result = run_chaos_bench(cfg)
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))

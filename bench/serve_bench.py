@@ -6,6 +6,14 @@ cores; with --compare tracing, the disaggregated cluster tracing every request (
 files) and with tracing off, in the order traced, untraced, untraced, traced so that drift of a
 shared machine falls on both alike; each condition's two runs are pooled. Same workload, same seed,
 one after the other in the same run.
+
+With --rates, one disaggregated cluster (or --url) is driven at each arrival rate in turn, lowest
+first: the lowest is the unloaded baseline, the others are meant to be well past capacity. Open-loop
+arrivals keep coming whatever the server does, so past capacity a gateway either sheds load with 429
+or lets queues, and the latency of what it admitted, grow. Per rate: accepted, 429 share, TTFT and
+TPOT of admitted requests, and each TPOT p99 over the unloaded one (target <= 1.5: admission should
+protect the requests it lets in). Each rate gets its own prompts (seed + i), so no run finds the
+previous run's prompts in the prefix cache.
 """
 
 from __future__ import annotations
@@ -55,13 +63,14 @@ def _start(mode: str, model: str | None, log_dir: str, env: dict[str, str]) -> t
 
 
 def _measure(
-    url: str, label: str, n: int, rate: float, seed: int, slo_ttft: float, slo_tpot: float
+    url: str, label: str, n: int, rate: float, seed: int, slo_ttft: float, slo_tpot: float, warm_up: bool = True
 ) -> tuple[dict, list]:
     models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
     vocab = 49152 if "SmolLM2" in models["id"] else 256
-    requests = plan_requests(n, DEFAULT_MIX, vocab, seed)
-    warm = plan_requests(2, DEFAULT_MIX, vocab, seed + 99)
-    asyncio.run(run_load(url, models["id"], warm, 10.0, seed, f"{label} warm-up"))
+    requests = plan_requests(n, DEFAULT_MIX, vocab, seed, models.get("max_model_len"))
+    if warm_up:
+        warm = plan_requests(2, DEFAULT_MIX, vocab, seed + 99, models.get("max_model_len"))
+        asyncio.run(run_load(url, models["id"], warm, 10.0, seed, f"{label} warm-up"))
     samples, makespan = asyncio.run(run_load(url, models["id"], requests, rate, seed, label))
     return summarize(samples, makespan, slo_ttft, slo_tpot), samples
 
@@ -111,17 +120,18 @@ def run_serve_bench(
     if "colocated" in results:
         d, c = results["disaggregated"], results["colocated"]
         results["ratios"] = {
-            "tpot_p99_disagg_over_coloc": round(d["tpot_p99_s"] / c["tpot_p99_s"], 3),
-            "throughput_disagg_over_coloc": round(d["throughput_tok_s"] / c["throughput_tok_s"], 3),
-            "ttft_p99_disagg_over_coloc": round(d["ttft_p99_s"] / c["ttft_p99_s"], 3),
+            "tpot_p99_disagg_over_coloc": _ratio(d["tpot_p99_s"], c["tpot_p99_s"]),
+            "throughput_disagg_over_coloc": _ratio(d["throughput_tok_s"], c["throughput_tok_s"]),
+            "ttft_p99_disagg_over_coloc": _ratio(d["ttft_p99_s"], c["ttft_p99_s"]),
         }
     if "traced" in results:
         t, u = results["traced"], results["untraced"]
+        gain = _change(t["throughput_tok_s"], u["throughput_tok_s"])
         results["ratios"] = {
-            "throughput_loss": round(1 - t["throughput_tok_s"] / u["throughput_tok_s"], 4),
-            "ttft_p99_increase": round(t["ttft_p99_s"] / u["ttft_p99_s"] - 1, 4),
-            "ttft_p50_increase": round(t["ttft_p50_s"] / u["ttft_p50_s"] - 1, 4),
-            "tpot_p99_increase": round(t["tpot_p99_s"] / u["tpot_p99_s"] - 1, 4),
+            "throughput_loss": None if gain is None else -gain,
+            "ttft_p99_increase": _change(t["ttft_p99_s"], u["ttft_p99_s"]),
+            "ttft_p50_increase": _change(t["ttft_p50_s"], u["ttft_p50_s"]),
+            "tpot_p99_increase": _change(t["tpot_p99_s"], u["tpot_p99_s"]),
         }
     results["workload"] = {
         "requests": n,
@@ -136,6 +146,85 @@ def run_serve_bench(
         _plot(all_samples, plot)
         results["plot"] = plot
     return results
+
+
+_RATE_KEYS = (
+    "requests",
+    "accepted",
+    "rejected_429",
+    "share_429",
+    "failed",
+    "errors",
+    "ttft_p50_s",
+    "ttft_p99_s",
+    "tpot_p50_s",
+    "tpot_p99_s",
+    "throughput_tok_s",
+    "goodput_rps",
+    "makespan_s",
+)
+TPOT_P99_RATIO_TARGET = 1.5
+
+
+def run_rates_bench(
+    url: str | None,
+    model: str | None,
+    rates: list[float],
+    n: int,
+    seed: int,
+    slo_ttft: float,
+    slo_tpot: float,
+    plot: str | None,
+) -> dict:
+    """One cluster, one run per arrival rate (lowest first, the unloaded baseline), side by side."""
+    rates = sorted(rates)
+    per_rate: list[dict] = []
+    all_samples: dict[str, list] = {}
+    with tempfile.TemporaryDirectory() as logs:
+        cluster, run_url = (None, url) if url else _start("disaggregated", model, logs, {})
+        try:
+            for i, rate in enumerate(rates):
+                label = f"{rate:g}/s"
+                summary, samples = _measure(run_url, label, n, rate, seed + i, slo_ttft, slo_tpot, warm_up=i == 0)
+                per_rate.append({"rate_rps": rate, **{k: summary[k] for k in _RATE_KEYS}})
+                all_samples[label] = samples
+        finally:
+            if cluster is not None:
+                cluster.stop()
+    base = per_rate[0]["tpot_p99_s"]
+    for r in per_rate[1:]:
+        r["tpot_p99_over_unloaded"] = _ratio(r["tpot_p99_s"], base)
+    ratios = [r["tpot_p99_over_unloaded"] for r in per_rate[1:]]
+    results: dict = {
+        "rates": per_rate,
+        "unloaded_rate_rps": rates[0],
+        "target": {
+            "tpot_p99_over_unloaded_max": TPOT_P99_RATIO_TARGET,
+            # unmeasurable (nothing admitted completed) counts as not met
+            "met": bool(ratios) and all(q is not None and q <= TPOT_P99_RATIO_TARGET for q in ratios),
+        },
+        "workload": {
+            "requests_per_rate": n,
+            "seed": seed,
+            "cores": os.cpu_count(),
+            "mix": [m.__dict__ for m in DEFAULT_MIX],
+        },
+    }
+    if plot:
+        _plot(all_samples, plot)
+        results["plot"] = plot
+    return results
+
+
+def _ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
+    """a / b, or None where either side measured nothing (every request failed or was rejected)."""
+    return None if a is None or not b else round(a / b, digits)
+
+
+def _change(a: float | None, b: float | None) -> float | None:
+    """Relative change a / b - 1, None where a side is missing."""
+    q = _ratio(a, b, 6)
+    return None if q is None else round(q - 1, 4)
 
 
 def _plot(samples: dict, path: str) -> None:

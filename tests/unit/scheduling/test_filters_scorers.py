@@ -1,6 +1,6 @@
 import pytest
 
-from gateway.scheduling.filters import HealthFilter, LayoutFilter, NotDrainingFilter
+from gateway.scheduling.filters import HealthFilter, KVFitFilter, LayoutFilter, NotDrainingFilter
 from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.scorers import (
     InflightScorer,
@@ -28,6 +28,12 @@ def cand(wid: str = "w", **kw) -> Candidate:
         (NotDrainingFilter(), cand(draining=True), False),
         (LayoutFilter(), cand(), True),
         (LayoutFilter(), cand(layout_ok=False), False),
+        # 64 prompt tokens + 1 need 5 blocks of 16 on a decode worker; prefill workers are not filtered
+        (KVFitFilter(), Candidate("d", "d:1", "decode", free_blocks=5), True),
+        (KVFitFilter(), Candidate("d", "d:1", "decode", free_blocks=4), False),
+        (KVFitFilter(), Candidate("d", "d:1", "decode", free_blocks=9, pending_blocks=5), False),
+        (KVFitFilter(), Candidate("d", "d:1", "decode", free_blocks=10, pending_blocks=5), True),
+        (KVFitFilter(), cand(free_blocks=0), True),
     ],
 )
 def test_filters(flt, candidate, kept):

@@ -12,8 +12,8 @@ import signal
 import httpx
 import pytest
 
-from tests.integration.conftest import assert_workers_clean
 from tests.integration.client import model_id
+from tests.integration.conftest import assert_workers_clean
 
 PROMPT = "tell me a long story about a ship and its crew"
 MAX_TOKENS = 300
@@ -104,3 +104,31 @@ def test_a_stream_with_no_worker_left_ends_with_an_error_event(cluster_factory, 
     assert got["error"] is not None and got["error"]["type"] == "server_error", got
     assert not got["done"] and got["finish"] is None
     asyncio.run(assert_workers_clean(c.prefill, wait_s=10))
+
+
+def test_a_stream_survives_its_prefill_worker_dying_before_the_pull(cluster_factory, tiny_dir):
+    """The prefill worker answers (the client has its first token) and dies before the decode worker
+    pulled the KV: the pull fails, and the gateway prefills prompt + first token again elsewhere."""
+    c = cluster_factory(tiny_dir, prefill=1, decode=1)
+    reference = asyncio.run(_stream(c.url))
+    decode = _process(c, c.decode[0])
+    prefill = _process(c, c.prefill[0])
+    state: dict = {}
+
+    async def kill_prefill_before_the_pull(got: dict) -> None:
+        if got["ids"] and "killed" not in state:
+            state["killed"] = len(got["ids"])
+            os.kill(prefill.pid, signal.SIGKILL)
+            await asyncio.sleep(0.2)
+            os.kill(decode.pid, signal.SIGCONT)  # now it pulls, from a worker that is gone
+
+    os.kill(decode.pid, signal.SIGSTOP)  # the Decode call (and its pull) waits until we let it go
+    try:
+        got = asyncio.run(_stream(c.url, kill_prefill_before_the_pull))
+    finally:
+        os.kill(decode.pid, signal.SIGCONT)
+    assert state["killed"] == 1  # the fault came after the first token and before any decoded one
+    assert got["error"] is None and got["done"] and got["ids"] == reference["ids"]
+    assert got["usage"]["completion_tokens"] == MAX_TOKENS
+    assert _metric(c.url, 'kvrelay_gateway_migrations_total{reason="kv_transfer_failed"}') >= 1
+    asyncio.run(assert_workers_clean(c.decode, wait_s=10))

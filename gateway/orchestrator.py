@@ -105,7 +105,7 @@ class Orchestrator:
         except NoCapacityError as e:
             span.set_status(Status(StatusCode.ERROR, str(e)))
             raise APIError(
-                429, str(e), "server_overloaded", code="kv_cache_full", retry_after=self.settings.retry_after_s
+                429, str(e), "server_overloaded", code="kv_cache_full", retry_after=self.settings.admission.retry_after_s
             ) from e
         except NoCandidateError as e:
             span.set_status(Status(StatusCode.ERROR, str(e)))

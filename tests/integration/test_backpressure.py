@@ -143,3 +143,32 @@ def test_sigterm_drains_the_gateway_and_exits_zero(cluster_factory, tiny_dir):
     asyncio.run(run())
     wait_for(lambda: gateway.poll() is not None, 20, "the gateway to exit")
     assert gateway.returncode == 0
+
+
+def test_no_decode_kv_for_the_request_is_a_429_before_any_work(cluster_factory, tiny_dir):
+    """The decode worker has 1 MB of KV (128 blocks of 16 tokens on the tiny model). With its answers
+    held back, the gateway counts the blocks it has promised it and refuses the request that would
+    not fit, instead of letting the import wait out the prefill lease and fail after a 200."""
+    c = cluster_factory(tiny_dir, prefill=1, decode=1, decode_extra=["--kv-cache-mb", "1"])
+    decode = _proc(c, "decode", c.decode[0])
+
+    def body(model: str) -> dict:  # 400 prompt tokens + 1: 26 blocks
+        return {"model": model, "prompt": [7] * 400, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            model = await model_id(client, c.url)
+            os.kill(decode.pid, signal.SIGSTOP)  # imports wait: their blocks stay promised, not reported
+            try:
+                held = [asyncio.create_task(client.post(f"{c.url}/v1/completions", json=body(model))) for _ in range(4)]
+                await asyncio.sleep(0.5)  # 4 x 26 = 104 of 128 blocks promised
+                r = await client.post(f"{c.url}/v1/completions", json=body(model))
+                assert r.status_code == 429, r.text
+                assert r.json()["error"]["code"] == "kv_cache_full" and "retry-after" in r.headers
+            finally:
+                os.kill(decode.pid, signal.SIGCONT)
+            for task in held:
+                assert (await task).status_code == 200
+            await assert_workers_clean(c.workers())
+
+    asyncio.run(run())

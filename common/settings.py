@@ -77,6 +77,9 @@ class AdmissionSettings(BaseModel):
     batch_share: float = Field(
         0.5, gt=0, le=1, description="batch-priority requests are shed once the queue is this full"
     )
+    max_streams_per_decode_worker: int = Field(
+        64, ge=0, description="streams one decode worker is given at most (each slows its batch's steps); 0: no limit"
+    )
     retry_after_s: float = Field(1.0, gt=0, description="Retry-After sent with a 429")
 
 

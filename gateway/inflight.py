@@ -48,6 +48,9 @@ class InflightLedger:
             if self.tokens[w] <= 0:
                 del self.tokens[w]
 
+    def streams(self, decode_worker: str) -> int:
+        return sum(c.decode_worker == decode_worker for c in self._open.values())
+
     def pending_blocks(self, decode_worker: str, stats_seen_at: float) -> int:
         """Blocks promised on this worker that its Stats (taken at `stats_seen_at`) do not show."""
         return sum(

@@ -98,14 +98,24 @@ class Orchestrator:
         for w in self.registry.workers.values():
             if w.address in avoid:
                 continue
-            pending = self.ledger.pending_blocks(w.worker_id, w.last_seen) if w.role == "decode" else 0
-            pools[w.role].append(w.candidate(errors.get(w.address), self.ledger.tokens[w.worker_id], pending))
+            tokens = self.ledger.tokens[w.worker_id]
+            if w.role == "decode":
+                candidate = w.candidate(
+                    errors.get(w.address),
+                    tokens,
+                    self.ledger.pending_blocks(w.worker_id, w.last_seen),
+                    self.ledger.streams(w.worker_id),
+                    self.settings.admission.max_streams_per_decode_worker,
+                )
+            else:
+                candidate = w.candidate(errors.get(w.address), tokens)
+            pools[w.role].append(candidate)
         try:
             sched = self.scheduler.schedule(req, pools["prefill"], pools["decode"])
         except NoCapacityError as e:
             span.set_status(Status(StatusCode.ERROR, str(e)))
             raise APIError(
-                429, str(e), "server_overloaded", code="kv_cache_full", retry_after=self.settings.admission.retry_after_s
+                429, str(e), "server_overloaded", code=e.code, retry_after=self.settings.admission.retry_after_s
             ) from e
         except NoCandidateError as e:
             span.set_status(Status(StatusCode.ERROR, str(e)))

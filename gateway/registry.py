@@ -38,7 +38,14 @@ class WorkerState:
     def worker_id(self) -> str:
         return self.stats.worker_id if self.stats else self.address
 
-    def candidate(self, layout_error: str | None, inflight_tokens: int, pending_blocks: int = 0) -> Candidate:
+    def candidate(
+        self,
+        layout_error: str | None,
+        inflight_tokens: int,
+        pending_blocks: int = 0,
+        streams: int = 0,
+        stream_limit: int = 0,
+    ) -> Candidate:
         s = self.stats
         return Candidate(
             worker_id=self.worker_id,
@@ -53,6 +60,8 @@ class WorkerState:
             total_blocks=s.total_blocks if s else 1,
             inflight_tokens=inflight_tokens,
             pending_blocks=pending_blocks,
+            streams=max(streams, s.running + s.waiting if s else 0),
+            stream_limit=stream_limit,
         )
 
 

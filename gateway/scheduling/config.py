@@ -3,7 +3,7 @@ the picker, the imbalance guard and the P/D decider. Validated at start; errors 
 
     profiles:
       prefill:
-        filters: [health, not-draining, layout, kv-fit]
+        filters: [health, not-draining, layout, kv-fit, stream-limit]
         scorers: [{type: prefix-cache, weight: 2}, {type: queue-depth, weight: 1}, {type: kv-usage, weight: 1}]
         picker: {type: max-score, temperature: 0}
       decode:
@@ -51,7 +51,7 @@ class PickerSpec(_Strict):
 
 
 class ProfileSpec(_Strict):
-    filters: list[str] = Field(default_factory=lambda: ["health", "not-draining", "layout", "kv-fit"])
+    filters: list[str] = Field(default_factory=lambda: ["health", "not-draining", "layout", "kv-fit", "stream-limit"])
     scorers: list[ScorerSpec]
     picker: PickerSpec = Field(default_factory=PickerSpec)
 

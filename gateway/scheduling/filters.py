@@ -38,4 +38,14 @@ class KVFitFilter:
         return c.role != "decode" or c.free_blocks - c.pending_blocks >= req.blocks_needed
 
 
-FILTERS = {f.type_name: f for f in (HealthFilter, NotDrainingFilter, LayoutFilter, KVFitFilter)}
+class StreamLimitFilter:
+    """A decode worker takes at most `stream_limit` streams: each one more slows every step of its
+    batch, so past the limit new work waits at the gateway (429) instead of slowing admitted streams."""
+
+    type_name = "stream-limit"
+
+    def keep(self, c: Candidate, req: RequestInfo) -> bool:
+        return c.role != "decode" or not c.stream_limit or c.streams < c.stream_limit
+
+
+FILTERS = {f.type_name: f for f in (HealthFilter, NotDrainingFilter, LayoutFilter, KVFitFilter, StreamLimitFilter)}

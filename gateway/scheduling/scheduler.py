@@ -38,7 +38,12 @@ class NoCandidateError(RuntimeError):
 
 
 class NoCapacityError(NoCandidateError):
-    """Decode workers are up, but none has KV blocks free for this request now (back-pressure)."""
+    """Decode workers are up, but none has room for this request now (back-pressure): `code` says
+    which room, "kv_cache_full" or "decode_busy"."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -109,8 +114,10 @@ class Scheduler:
         decode_ok = self.decode.filter(decode_pool, req)
         if not decode_ok:
             why = _why("decode", decode_pool, req)
-            full = any(_dropped_by(c, req) == "KV cache full" for c in decode_pool)
-            raise (NoCapacityError if full else NoCandidateError)(why)
+            reasons = {_dropped_by(c, req) for c in decode_pool}
+            if reasons & _CAPACITY:
+                raise NoCapacityError(why, "kv_cache_full" if "KV cache full" in reasons else "decode_busy")
+            raise NoCandidateError(why)
         prefill_ok = self.prefill.filter(prefill_pool, req)
         load_only = self.guard.imbalanced(prefill_ok)
         p_scored = self.prefill.score(prefill_ok, req, load_only) if prefill_ok else []
@@ -132,6 +139,9 @@ class Scheduler:
         )
 
 
+_CAPACITY = frozenset({"KV cache full", "stream limit"})
+
+
 def _dropped_by(c: Candidate, req: RequestInfo) -> str:
     if not c.healthy:
         return "unhealthy"
@@ -141,6 +151,8 @@ def _dropped_by(c: Candidate, req: RequestInfo) -> str:
         return "layout mismatch"
     if not FILTERS["kv-fit"]().keep(c, req):
         return "KV cache full"
+    if not FILTERS["stream-limit"]().keep(c, req):
+        return "stream limit"
     return "filtered"
 
 

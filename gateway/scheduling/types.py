@@ -20,6 +20,8 @@ class Candidate:
     total_blocks: int = 1
     inflight_tokens: int = 0  # prompt tokens this gateway has sent and not yet seen finish
     pending_blocks: int = 0  # KV blocks this gateway promised that the worker's Stats do not show yet
+    streams: int = 0  # requests decoding (or about to) on this worker, as far as this gateway knows
+    stream_limit: int = 0  # most streams a decode worker may be given; 0: no limit
 
     @property
     def kv_usage(self) -> float:

@@ -1,6 +1,6 @@
 import pytest
 
-from gateway.scheduling.filters import HealthFilter, KVFitFilter, LayoutFilter, NotDrainingFilter
+from gateway.scheduling.filters import HealthFilter, KVFitFilter, LayoutFilter, NotDrainingFilter, StreamLimitFilter
 from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.scorers import (
     InflightScorer,
@@ -34,6 +34,9 @@ def cand(wid: str = "w", **kw) -> Candidate:
         (KVFitFilter(), Candidate("d", "d:1", "decode", free_blocks=9, pending_blocks=5), False),
         (KVFitFilter(), Candidate("d", "d:1", "decode", free_blocks=10, pending_blocks=5), True),
         (KVFitFilter(), cand(free_blocks=0), True),
+        (StreamLimitFilter(), Candidate("d", "d:1", "decode", free_blocks=9, streams=3, stream_limit=4), True),
+        (StreamLimitFilter(), Candidate("d", "d:1", "decode", free_blocks=9, streams=4, stream_limit=4), False),
+        (StreamLimitFilter(), Candidate("d", "d:1", "decode", free_blocks=9, streams=99, stream_limit=0), True),
     ],
 )
 def test_filters(flt, candidate, kept):

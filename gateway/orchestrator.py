@@ -249,14 +249,17 @@ class Orchestrator:
         charge: Charge,
     ) -> AsyncIterator[Delta]:
         """The worker's chunks as deltas. A gap longer than stall_timeout_s between two chunks is a
-        stalled worker: the call is cancelled and the attempt fails (the supervisor migrates)."""
+        stalled worker: the call is cancelled and the attempt fails (the supervisor migrates). The
+        first chunk may wait behind a queue and a prefill (or a KV pull): it gets prefill_timeout_s."""
         done = False
         chunks = aiter(call)
+        wait = self.settings.prefill_timeout_s
         try:
             while not done:
                 try:
-                    async with asyncio.timeout(self.settings.migration.stall_timeout_s):
+                    async with asyncio.timeout(wait):
                         chunk = await anext(chunks)
+                    wait = self.settings.migration.stall_timeout_s
                 except StopAsyncIteration:
                     raise WorkerFailure(
                         502, f"worker {worker} ended the stream without finishing", worker, stage, "worker_lost"
@@ -265,7 +268,7 @@ class Orchestrator:
                     span.set_status(Status(StatusCode.ERROR, "stalled"))
                     raise WorkerFailure(
                         504,
-                        f"worker {worker} sent no token for {self.settings.migration.stall_timeout_s:.0f}s",
+                        f"worker {worker} sent no token for {wait:.0f}s",
                         worker,
                         stage,
                         "worker_stalled",

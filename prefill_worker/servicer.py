@@ -79,7 +79,7 @@ class KVServicer(kv_pb2_grpc.KVServiceServicer):
 
     async def _pinned_blocks(self, request_id: str, layout: types_pb2.KVLayout) -> list[int]:
         self.engine.engine.layout.check_compatible(layout_from_proto(layout))
-        export = await self.engine.call(lambda: self.engine.engine.extend_lease(request_id))
+        export = await self.engine.extend_lease(request_id)
         return export.block_ids
 
     async def PullBlocks(  # noqa: N802

@@ -73,11 +73,18 @@ class AsyncEngine:
             self._publish(RequestOutput(request_id, finished=True, finish_reason="abort"))
         return aborted
 
+    # Lease bookkeeping answers at once, never behind a step (see common/engine/leases.py).
     async def release(self, request_id: str) -> bool:
-        return await self.call(lambda: self.engine.release(request_id))
+        released = self.engine.release(request_id)
+        if released:
+            self._wake()  # an idle engine thread frees the blocks now, not at its next timeout
+        return released
 
     async def export_kv(self, request_id: str) -> KVExport:
-        return await self.call(lambda: self.engine.export_kv(request_id))
+        return self.engine.export_kv(request_id)
+
+    async def extend_lease(self, request_id: str) -> KVExport:
+        return self.engine.extend_lease(request_id)
 
     async def begin_import(
         self, request_id: str, prompt_token_ids: Sequence[int], first_token: int, params: SamplingParams
@@ -96,8 +103,11 @@ class AsyncEngine:
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._commands.put((lambda: None, concurrent.futures.Future()))
+        self._wake()
         self._thread.join(timeout)
+
+    def _wake(self) -> None:
+        self._commands.put((lambda: None, concurrent.futures.Future()))
 
     # -- streams --------------------------------------------------------------------------------
     def _open_stream(self, request_id: str) -> asyncio.Queue[RequestOutput]:
@@ -132,7 +142,7 @@ class AsyncEngine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._run_commands(block=not self.engine.has_unfinished())
-            self.engine.expire_leases()
+            self.engine.settle_leases()
             if not self.engine.has_unfinished():
                 continue
             try:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence as Seq
 
 from common.config import EngineConfig
+from common.engine.leases import LeaseTable
 from common.engine.model_runner import ModelRunner
 from common.engine.outputs import KVExport, RequestOutput
 from common.engine.sampling import SamplingParams
@@ -52,6 +53,7 @@ class LLMEngine:
         eos = set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
         self.eos_token_ids = frozenset(eos)
         self.seqs: dict[str, Sequence] = {}  # every request holding engine state
+        self.leases = LeaseTable()  # pinned prefill KV; thread-safe (see leases.py)
         self.num_steps = 0
 
     # -- requests -------------------------------------------------------------------------------
@@ -105,38 +107,30 @@ class LLMEngine:
         return outs
 
     # -- prefill-only and imported KV -----------------------------------------------------------
+    # export_kv, extend_lease and release are safe from any thread: they touch only the lease table.
     def export_kv(self, request_id: str) -> KVExport:
-        seq = self._pinned(request_id)
-        return KVExport(
-            request_id, list(seq.block_table), len(seq.prompt_token_ids), self.layout, seq.lease_deadline or 0.0
-        )
+        lease = self.leases.live(request_id)
+        return KVExport(request_id, list(lease.block_ids), lease.num_tokens, self.layout, lease.deadline)
 
     def extend_lease(self, request_id: str) -> KVExport:
         """A pull is starting: keep the blocks pinned for another full lease, and say which they are."""
-        self._pinned(request_id).lease_deadline = time.monotonic() + self.config.lease_seconds
-        return self.export_kv(request_id)
+        lease = self.leases.live(request_id, extend_s=self.config.lease_seconds)
+        return KVExport(request_id, list(lease.block_ids), lease.num_tokens, self.layout, lease.deadline)
 
     def release(self, request_id: str) -> bool:
-        """Free a pinned request's blocks (the decode side has them). False if unknown or gone."""
-        seq = self.seqs.get(request_id)
-        if seq is None or seq.status is not SeqStatus.PINNED:
-            return False
-        return self.abort(request_id)
+        """Unpin a request's blocks (the decode side has them). False if unknown, released or expired.
+        The blocks are freed by the engine thread's next `settle_leases`."""
+        return self.leases.release(request_id)
 
-    def expire_leases(self, now: float | None = None) -> list[str]:
-        now = time.monotonic() if now is None else now
-        expired = [
-            rid
-            for rid, s in self.seqs.items()
-            if s.status is SeqStatus.PINNED and s.lease_deadline is not None and s.lease_deadline <= now
-        ]
-        for rid in expired:
+    def settle_leases(self, now: float | None = None) -> list[str]:
+        """Engine thread: free the blocks of leases that were released or have expired."""
+        ended = self.leases.settle(now)
+        for rid in ended:
             self.abort(rid)
-        return expired
+        return ended
 
     def next_lease_deadline(self) -> float | None:
-        deadlines = [s.lease_deadline for s in self.seqs.values() if s.status is SeqStatus.PINNED]
-        return min((d for d in deadlines if d is not None), default=None)
+        return self.leases.next_deadline()
 
     def begin_import(
         self, request_id: str, prompt_token_ids: Seq[int], first_token: int, params: SamplingParams
@@ -212,12 +206,6 @@ class LLMEngine:
                 "max_tokens",
             )
 
-    def _pinned(self, request_id: str) -> Sequence:
-        seq = self.seqs.get(request_id)
-        if seq is None or seq.status is not SeqStatus.PINNED:
-            raise UnknownRequestError(f"no pinned KV for request {request_id!r} (released or lease expired)")
-        return seq
-
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
         seq.output_token_ids.append(token)
         if seq.first_token_time is None:
@@ -228,7 +216,8 @@ class LLMEngine:
         if seq.prefill_only:
             self.scheduler.remove(seq)
             seq.status = SeqStatus.PINNED
-            seq.lease_deadline = time.monotonic() + self.config.lease_seconds
+            deadline = time.monotonic() + self.config.lease_seconds
+            self.leases.pin(seq.request_id, seq.block_table, len(seq.prompt_token_ids), deadline)
             return self._output(seq, [token], pinned=True)
         return self._output(seq, [token])
 
@@ -268,6 +257,7 @@ class LLMEngine:
         )
 
     def _free(self, seq: Sequence) -> None:
+        self.leases.drop(seq.request_id)
         if seq.block_table:
             self.blocks.free(seq)
         self.runner.sampler.forget(seq.request_id)

@@ -32,7 +32,6 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of leading full blocks
     num_preemptions: int = 0
     finish_reason: str | None = None
-    lease_deadline: float | None = None
     first_scheduled_time: float | None = None  # left the waiting queue (first admission)
     first_token_time: float | None = None
     output_text: str = ""  # detokenized output, maintained when stop strings are set

@@ -55,6 +55,8 @@ def test_prefill_only_pins_then_release_frees(model):
     assert not engine.release("p")
     with pytest.raises(UnknownRequestError):
         engine.export_kv("p")
+    assert engine.blocks.num_used_blocks == len(export.block_ids)  # freed by the engine thread's turn:
+    assert engine.settle_leases() == ["p"]
     assert_no_leaks(engine)
 
 
@@ -64,8 +66,8 @@ def test_lease_expiry_frees_pinned_blocks(model):
     run_to_completion(engine)
     deadline = engine.next_lease_deadline()
     assert deadline is not None
-    assert engine.expire_leases(now=deadline - 1) == []
-    assert engine.expire_leases(now=deadline) == ["p"]
+    assert engine.settle_leases(now=deadline - 1) == []
+    assert engine.settle_leases(now=deadline) == ["p"]
     assert_no_leaks(engine)
 
 
@@ -88,6 +90,7 @@ def test_export_import_between_engines_matches_single_engine(model):
     dst = decode.begin_import("r", PROMPT, first, params)
     decode.cache.write_blocks(dst, prefill.cache.read_blocks(export.block_ids))
     assert prefill.release("r")
+    assert prefill.settle_leases() == ["r"]
     assert decode.finish_import("r") is None
     rest = tokens_of(run_to_completion(decode)["r"])
     assert [first, *rest] == expected

@@ -115,6 +115,12 @@ class GatewaySettings(BaseSettings):
     registry_prefix: str = Field("kvrelay", min_length=1, description="key prefix shared by one deployment")
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     migration: MigrationSettings = Field(default_factory=MigrationSettings)
+    max_body_bytes: int = Field(
+        4 * 2**20,
+        gt=0,
+        description="request bodies above this get 413 unread (4 MiB: an 8k-token prompt is ~50 kB of text, "
+        "or ~60 kB as token ids; the rest is room for long chat histories)",
+    )
     header_timeout_s: float = Field(10.0, gt=0, description="a client must send its request headers within this")
     write_timeout_s: float = Field(30.0, gt=0, description="a client that reads nothing for this long is cut off")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="on SIGTERM: most time for running requests to end")

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.discovery.record import RegistryKeys
 from common.discovery.redis_client import check_redis, open_redis
@@ -21,9 +22,10 @@ from common.tokenizer import Tokenizer
 from common.tracing.setup import init_tracing, shutdown_tracing
 from gateway.accounting import RequestAccounting
 from gateway.admission import PRIORITIES, Admission
+from gateway.body_limit import BodyLimitMiddleware
 from gateway.client_gone import ClientGoneError
 from gateway.discovery import RedisDiscovery, StaticDiscovery
-from gateway.errors import APIError, api_error_handler, unexpected_error_handler
+from gateway.errors import APIError, api_error_handler, http_error_handler, unexpected_error_handler
 from gateway.http_limits import WriteTimeoutMiddleware
 from gateway.kv_event_stream import RedisKVEventWatcher
 from gateway.kv_events import KVEventWatcher
@@ -84,6 +86,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
     app.state.registry = registry
     app.state.settings = settings
@@ -91,6 +94,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app.add_middleware(RequestAccounting, lifecycle=lifecycle)
     app.add_middleware(WriteTimeoutMiddleware, write_timeout_s=settings.write_timeout_s)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(TracingMiddleware)  # added last: outermost, so its span covers everything
 
     async def generate(

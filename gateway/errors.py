@@ -7,6 +7,7 @@ import logging
 import grpc
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,21 @@ def from_grpc(err: grpc.aio.AioRpcError, worker: str, stage: str) -> WorkerFailu
 
 async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (unknown path, wrong method) in OpenAI's shape too."""
+    message = {404: f"no route {request.url.path!r}", 405: f"{request.method} is not allowed on {request.url.path!r}"}
+    body = APIError(
+        exc.status_code,
+        message.get(exc.status_code, str(exc.detail)),
+        "invalid_request_error",
+        code=_HTTP_CODES.get(exc.status_code),
+    ).body()
+    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -3,6 +3,7 @@ Everything a worker would reject is rejected here first, so bad input never reac
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import TypeVar
@@ -15,6 +16,7 @@ from common.errors import InvalidRequestError
 from common.tokenizer import Tokenizer
 from gateway.errors import APIError, bad_request
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.unsupported import reject_unsupported
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -37,11 +39,15 @@ async def parse_body(request: Request, model: type[M]) -> M:
         )
     raw = await request.body()
     try:
-        data = json.loads(raw)
+        data = await asyncio.to_thread(json.loads, raw)  # a large body must not stall the event loop
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad_request(f"the body is not valid JSON: {e}", code="invalid_json") from e
+    except RecursionError as e:
+        raise bad_request("the body is nested too deeply", code="invalid_json") from e
     if not isinstance(data, dict):
         raise bad_request("the body must be a JSON object", code="invalid_json")
+    _check_strings(data)
+    reject_unsupported(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -59,8 +65,6 @@ class Preparer:
 
     def chat(self, body: ChatCompletionRequest) -> Prepared:
         self._common(body)
-        if body.tools:
-            raise bad_request("tools are not supported by this server", "tools")
         try:
             ids = self.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
         except InvalidRequestError as e:
@@ -71,10 +75,6 @@ class Preparer:
 
     def completion(self, body: CompletionRequest) -> Prepared:
         self._common(body)
-        if body.echo:
-            raise bad_request("echo is not supported by this server", "echo")
-        if body.suffix:
-            raise bad_request("suffix is not supported by this server", "suffix")
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             if len(prompt) != 1:
@@ -96,10 +96,6 @@ class Preparer:
                 param="model",
                 code="model_not_found",
             )
-        if body.n != 1:
-            raise bad_request("only n=1 is supported", "n")
-        if body.logprobs:
-            raise bad_request("logprobs are not supported by this server", "logprobs")
 
     def _finish(self, body, ids: list[int], max_tokens: int | None, prompt_param: str, mt_param: str) -> Prepared:  # noqa: ANN001
         if not ids:
@@ -140,6 +136,25 @@ class Preparer:
             raise bad_request(str(e), e.param) from e
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return Prepared(ids, params, body.stream, include_usage, body.return_token_ids)
+
+
+def _check_strings(data: dict) -> None:
+    """No string may hold a NUL or a lone surrogate (JSON allows both escaped; neither is text a
+    tokenizer can take). Iterative: the body may be nested deeply."""
+    stack: list[tuple[str, object]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise bad_request(f"{path or 'a string'} contains a NUL character", path or None)
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise bad_request(f"{path or 'a string'} is not valid Unicode text: {e.reason}", path or None) from e
+        elif isinstance(value, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", v) for i, v in enumerate(value))
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list"}

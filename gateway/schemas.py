@@ -1,11 +1,14 @@
 """The OpenAI request bodies we accept. Unknown fields are ignored, as OpenAI-compatible servers do;
-fields we cannot honour with a non-default value are rejected by name."""
+fields we cannot honour with a non-default value are rejected by name (gateway.unsupported).
+Numbers are bounded by what they mean and by what the wire to the workers carries."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+_INT32_MAX = 2**31 - 1
 
 
 class StreamOptions(BaseModel):
@@ -31,28 +34,23 @@ class _Sampling(BaseModel):
 
     model: str
     max_tokens: int | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    n: int = 1
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0, le=_INT32_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     ignore_eos: bool = False
     return_token_ids: bool = False  # extension: each choice also carries its output token ids
     user: str | None = None
     priority: Literal["interactive", "batch"] | None = None  # extension; also the X-Kvrelay-Priority header
-    logprobs: bool | int | None = None
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    tools: list[dict] | None = None
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int]
-    echo: bool = False
-    suffix: str | None = None

@@ -1,9 +1,11 @@
 """The engine behind an asyncio API, driven by one dedicated thread.
 
-Services submit requests and iterate their outputs with `async for`. Every engine method runs on
-the engine thread (commands are queued and executed between steps), so the engine needs no locks,
+Services submit requests and iterate their outputs with `async for`. Engine methods run on the
+engine thread (commands are queued and executed between steps), so the engine needs no locks,
 and torch's compute releases the GIL so the event loop stays responsive. A step that raises fails
-only the requests it ran; the loop carries on.
+only the requests it ran; the loop carries on. The exceptions answer at once, never behind a long
+step: stats (plain reads) and the lease bookkeeping of pinned KV (export, extend, release), whose
+table has its own lock; the engine thread frees the blocks of ended leases between steps.
 """
 
 from __future__ import annotations

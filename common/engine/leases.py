@@ -41,9 +41,10 @@ class LeaseTable:
     def live(self, request_id: str, extend_s: float | None = None) -> Lease:
         """The live lease (pushed out to now + extend_s when given); raises if it ended."""
         with self._lock:
-            lease = self._live(request_id, time.monotonic())
+            now = time.monotonic()
+            lease = self._live(request_id, now)
             if extend_s is not None:
-                lease.deadline = time.monotonic() + extend_s
+                lease.deadline = now + extend_s
             return Lease(lease.block_ids, lease.num_tokens, lease.deadline)
 
     def release(self, request_id: str) -> bool:
@@ -77,11 +78,6 @@ class LeaseTable:
     def next_deadline(self) -> float | None:
         with self._lock:
             return min((lease.deadline for lease in self._leases.values() if not lease.ended), default=None)
-
-    def pending(self) -> bool:
-        """Some lease ended and awaits the engine thread."""
-        with self._lock:
-            return any(lease.ended for lease in self._leases.values())
 
     def _live(self, request_id: str, now: float) -> Lease:
         lease = self._leases.get(request_id)

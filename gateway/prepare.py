@@ -42,6 +42,10 @@ async def parse_body(request: Request, model: type[M]) -> M:
         data = await asyncio.to_thread(json.loads, raw)  # a large body must not stall the event loop
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad_request(f"the body is not valid JSON: {e}", code="invalid_json") from e
+    except ValueError as e:  # Python refuses integer literals of over 4,300 digits
+        raise bad_request(
+            "the body holds a number with thousands of digits; no field takes one", code="invalid_json"
+        ) from e
     except RecursionError as e:
         raise bad_request("the body is nested too deeply", code="invalid_json") from e
     if not isinstance(data, dict):
@@ -131,9 +135,16 @@ class Preparer:
                 seed=body.seed,
                 stop=body.stop,
                 ignore_eos=body.ignore_eos,
+                presence_penalty=body.presence_penalty or 0.0,
+                frequency_penalty=body.frequency_penalty or 0.0,
+                repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                logit_bias=body.logit_bias,
             )
         except InvalidRequestError as e:
             raise bad_request(str(e), e.param) from e
+        vocab = self.tokenizer.vocab_size
+        if params.logit_bias and (top := max(t for t, _ in params.logit_bias)) >= vocab:
+            raise bad_request(f"logit_bias token id {top} is outside the model's vocabulary [0, {vocab})", "logit_bias")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return Prepared(ids, params, body.stream, include_usage, body.return_token_ids)
 
@@ -145,16 +156,22 @@ def _check_strings(data: dict) -> None:
     while stack:
         path, value = stack.pop()
         if isinstance(value, str):
-            if "\x00" in value:
-                raise bad_request(f"{path or 'a string'} contains a NUL character", path or None)
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise bad_request(f"{path or 'a string'} is not valid Unicode text: {e.reason}", path or None) from e
+            _check_text(value, path or "a string", path or None)
         elif isinstance(value, dict):
+            for k in value:  # keys first: a bad key must not end up in the error's own param
+                _check_text(k, f"a key in {path or 'the body'}", path or None)
             stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
         elif isinstance(value, list):
             stack.extend((f"{path}.{i}", v) for i, v in enumerate(value))
+
+
+def _check_text(value: str, where: str, param: str | None) -> None:
+    if "\x00" in value:
+        raise bad_request(f"{where} contains a NUL character; remove it", param)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(f"{where} is not valid Unicode text ({e.reason}); send UTF-8 text", param) from e
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list"}

@@ -45,6 +45,11 @@ class _Sampling(BaseModel):
     return_token_ids: bool = False  # extension: each choice also carries its output token ids
     user: str | None = None
     priority: Literal["interactive", "batch"] | None = None  # extension; also the X-Kvrelay-Priority header
+    # ranges are SamplingParams' (common/engine/sampling.py), which names the field and the bounds
+    presence_penalty: float | None = Field(None, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, allow_inf_nan=False)  # extension, as in vLLM
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias
 
 
 class ChatCompletionRequest(_Sampling):

@@ -66,7 +66,9 @@ class Supervisor:
         avoid: set[str] = set()
         while True:
             attempt_id = request_id if outcome.attempts == 0 else f"{request_id}~{outcome.attempts}"
-            remaining = dataclasses.replace(params, max_tokens=params.max_tokens - len(sent))
+            remaining = dataclasses.replace(
+                params, max_tokens=params.max_tokens - len(sent), prior_output_tokens=len(sent)
+            )
             route = self._route(prompt_ids + sent, avoid)
             outcome.route = route
             outcome.first_route = outcome.first_route or route

@@ -1,6 +1,7 @@
 """OpenAI request parameters kvrelay does not implement. Each is rejected with a 400 naming it,
-unless its value is the API's no-op default: clients send `frequency_penalty: 0`, `n: 1` or
-`logprobs: false` routinely, and those must keep working."""
+unless its value is the API's no-op default: clients send `n: 1`, `logprobs: false` or
+`tool_choice: "none"` routinely, and those must keep working. (Penalties and logit_bias are
+implemented: see common/engine/penalties.py.)"""
 
 from __future__ import annotations
 
@@ -23,10 +24,6 @@ def _no_tools(v: object) -> bool:
 
 # parameter -> (is its value a no-op?, what a user should know)
 _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
-    "presence_penalty": (_absent_or(0, 0.0), "penalties are not supported by this server"),
-    "frequency_penalty": (_absent_or(0, 0.0), "penalties are not supported by this server"),
-    "repetition_penalty": (_absent_or(1, 1.0), "penalties are not supported by this server"),
-    "logit_bias": (lambda v: not v, "logit_bias is not supported by this server"),
     "logprobs": (_absent_or(False, 0), "logprobs are not supported by this server"),
     "top_logprobs": (_absent_or(0), "logprobs are not supported by this server"),
     "n": (_absent_or(1), "only n=1 is supported"),
@@ -35,6 +32,7 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "tool_choice": (_no_tools, "tools are not supported by this server"),
     "functions": (lambda v: not v, "functions are not supported by this server"),
     "function_call": (_no_tools, "functions are not supported by this server"),
+    "parallel_tool_calls": (_absent_or(True), "tools are not supported by this server"),
     "response_format": (_text_format, "only response_format {'type': 'text'} is supported"),
     "audio": (lambda v: v is None, "audio output is not supported by this server"),
     "modalities": (lambda v: v is None or v == ["text"], "only the text modality is supported"),

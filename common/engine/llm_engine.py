@@ -1,5 +1,6 @@
 """The engine: requests in, tokens out, one `step()` at a time. Not thread-safe: one owner thread
-(see async_engine) calls every method."""
+(see async_engine) calls every method, except `stats` and the lease methods (`export_kv`,
+`extend_lease`, `release`), which any thread may call so that a long step never delays them."""
 
 from __future__ import annotations
 
@@ -192,6 +193,15 @@ class LLMEngine:
         vocab = self.runner.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if params.logit_bias and (top := max(t for t, _ in params.logit_bias)) >= vocab:
+            raise InvalidRequestError(
+                f"logit_bias token id {top} is outside this model's vocabulary [0, {vocab})", "logit_bias"
+            )
+        if not 0 <= params.prior_output_tokens < len(prompt):
+            raise InvalidRequestError(
+                f"prior_output_tokens must be in [0, {len(prompt)}), got {params.prior_output_tokens}",
+                "prior_output_tokens",
+            )
         if len(prompt) >= self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt has {len(prompt)} tokens; this model's context window is {self.max_model_len} "

@@ -27,7 +27,7 @@ class ModelRunner:
         if not finishing:
             return {}
         logits = self.model.logits(hidden[torch.tensor(last_idx, device=self.device)])
-        tokens = self.sampler.sample(logits, [(s.request_id, s.params) for s in finishing])
+        tokens = self.sampler.sample(logits, finishing)
         return {s.request_id: t for s, t in zip(finishing, tokens, strict=True)}
 
     def prepare_inputs(self, batch: list[tuple[Sequence, int]]):  # noqa: ANN202 - internal tuple

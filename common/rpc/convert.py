@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from common.engine.sampling import SamplingParams
 from common.kv.layout import KVLayout
 from common.rpc import types_pb2
@@ -16,6 +18,11 @@ def params_to_proto(p: SamplingParams) -> types_pb2.SamplingParams:
         stop=list(p.stop),
         stop_token_ids=list(p.stop_token_ids),
         ignore_eos=p.ignore_eos,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty,
+        logit_bias=dict(p.logit_bias),
+        prior_output_tokens=p.prior_output_tokens,
     )
     if p.seed is not None:
         msg.seed = p.seed
@@ -23,17 +30,23 @@ def params_to_proto(p: SamplingParams) -> types_pb2.SamplingParams:
 
 
 def params_from_proto(msg: types_pb2.SamplingParams) -> SamplingParams:
-    """Validated; raises InvalidRequestError. An unset top_p (0, invalid anyway) means 1."""
-    return SamplingParams.create(
+    """Validated; raises InvalidRequestError. An unset top_p or repetition_penalty means 1 (off); a
+    top_p sent as 0 stays 0 and is refused, rather than silently becoming 1."""
+    params = SamplingParams.create(
         max_tokens=msg.max_tokens,
-        temperature=round(msg.temperature, 6),  # undo float32 noise: 0.7 travels as 0.699999988
-        top_p=round(msg.top_p, 6) or 1.0,
+        temperature=_from_float32(msg.temperature),
+        top_p=_from_float32(msg.top_p) if msg.HasField("top_p") else 1.0,
         top_k=msg.top_k,
         seed=msg.seed if msg.HasField("seed") else None,
         stop=list(msg.stop),
         stop_token_ids=list(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
+        presence_penalty=_from_float32(msg.presence_penalty),
+        frequency_penalty=_from_float32(msg.frequency_penalty),
+        repetition_penalty=_from_float32(msg.repetition_penalty) if msg.HasField("repetition_penalty") else 1.0,
+        logit_bias={t: _from_float32(b) for t, b in msg.logit_bias.items()},
     )
+    return dataclasses.replace(params, prior_output_tokens=msg.prior_output_tokens)
 
 
 def layout_to_proto(layout: KVLayout) -> types_pb2.KVLayout:
@@ -50,3 +63,9 @@ def layout_from_proto(msg: types_pb2.KVLayout) -> KVLayout:
         head_dim=msg.head_dim,
         order=msg.order,
     )
+
+
+def _from_float32(x: float) -> float:
+    """Undo float32 noise (0.7 travels as 0.699999988) without rounding small values away: seven
+    significant digits, so top_p = 1e-7 stays 1e-7 and does not become 0 (= unset = 1.0)."""
+    return float(f"{x:.7g}")

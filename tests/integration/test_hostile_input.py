@@ -94,9 +94,36 @@ CASES: list[tuple[str, str, object, str, int, str | None]] = [
     ("tool_choice required", "chat", _chat(tool_choice="required"), "application/json", 400, "tool_choice"),
     ("logprobs", "chat", _chat(logprobs=True), "application/json", 400, "logprobs"),
     ("top_logprobs", "chat", _chat(top_logprobs=3), "application/json", 400, "top_logprobs"),
-    ("presence_penalty", "chat", _chat(presence_penalty=1.0), "application/json", 400, "presence_penalty"),
-    ("frequency_penalty", "chat", _chat(frequency_penalty=-0.5), "application/json", 400, "frequency_penalty"),
-    ("logit_bias", "chat", _chat(logit_bias={"50256": -100}), "application/json", 400, "logit_bias"),
+    ("parallel_tool_calls", "chat", _chat(parallel_tool_calls=False), "application/json", 400, "parallel_tool_calls"),
+    ("presence_penalty above 2", "chat", _chat(presence_penalty=2.5), "application/json", 400, "presence_penalty"),
+    (
+        "frequency_penalty NaN",
+        "chat",
+        b'{"model": "M", "messages": [{"role": "user", "content": "x"}], "frequency_penalty": NaN}',
+        "application/json",
+        400,
+        "frequency_penalty",
+    ),
+    ("repetition_penalty zero", "chat", _chat(repetition_penalty=0), "application/json", 400, "repetition_penalty"),
+    ("logit_bias past the vocab", "chat", _chat(logit_bias={"50256": -100}), "application/json", 400, "logit_bias"),
+    ("logit_bias of 500", "chat", _chat(logit_bias={"5": 500}), "application/json", 400, "logit_bias"),
+    ("logit_bias key not an id", "chat", _chat(logit_bias={"abc": 1}), "application/json", 400, "logit_bias"),
+    (
+        "a 5000-digit number",
+        "chat",
+        b'{"model": "M", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1' + b"0" * 5000 + b"}",
+        "application/json",
+        400,
+        None,
+    ),
+    (
+        "lone surrogate in a key",
+        "chat",
+        b'{"model": "M", "messages": [{"role": "user", "content": "x"}], "x\\ud800": 1}',
+        "application/json",
+        400,
+        None,
+    ),
     (
         "response_format json",
         "chat",
@@ -188,6 +215,31 @@ def test_hostile_requests_get_4xx_and_reach_no_worker(tiny_cluster, model):
         if os.path.isfile(path):
             with open(path, errors="replace") as log:
                 assert MARKER not in log.read(), f"prompt text in {f}"
+
+
+def _completion(url: str, model: str, **fields: object) -> dict:
+    body = {"model": model, "prompt": "once upon", "max_tokens": 8, "ignore_eos": True, "return_token_ids": True}
+    r = httpx.post(f"{url}/v1/completions", json={**body, **fields}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def test_logit_bias_and_penalties_reach_the_workers(tiny_cluster, model):
+    greedy = _completion(tiny_cluster.url, model, temperature=0)["token_ids"]
+    forced = next(t for t in range(40, 120) if t not in greedy)
+    biased = _completion(tiny_cluster.url, model, temperature=0, logit_bias={str(forced): 100})
+    assert biased["token_ids"] == [forced] * 8
+    penalized = _completion(tiny_cluster.url, model, temperature=0, presence_penalty=2, frequency_penalty=2)
+    assert len(set(penalized["token_ids"])) >= len(set(greedy))
+    defaults = dict(presence_penalty=0, frequency_penalty=0, repetition_penalty=1, logit_bias={})
+    assert _completion(tiny_cluster.url, model, temperature=0, **defaults)["token_ids"] == greedy
+
+
+def test_a_tiny_top_p_is_nearly_greedy_across_the_wire(tiny_cluster, model):
+    greedy = _completion(tiny_cluster.url, model, temperature=0)["token_ids"]
+    free = _completion(tiny_cluster.url, model, temperature=2, top_p=1.0, seed=11)["token_ids"]
+    assert free != greedy, "temperature 2 should wander off the greedy path on the tiny model"
+    assert _completion(tiny_cluster.url, model, temperature=2, top_p=1e-7, seed=11)["token_ids"] == greedy
 
 
 def test_unknown_path_and_wrong_method_are_openai_errors(tiny_cluster):

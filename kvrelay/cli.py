@@ -20,13 +20,17 @@ roles.register(app)
 
 @app.command()
 def up(
-    port: int = typer.Option(8000, help="gateway HTTP port"),
+    port: int = typer.Option(8000, help="gateway HTTP port (0: pick a free one)"),
     prefill: int = typer.Option(1, help="prefill workers (0: colocated mode)"),
     decode: int = typer.Option(1, help="decode workers"),
     transfer: str = typer.Option("grpc", help="KV transfer backend: grpc or nixl"),
     model: str = typer.Option(None, help="GGUF file or safetensors directory (default: SmolLM2-135M-Instruct)"),
     host: str = typer.Option("127.0.0.1", help="address every process listens on"),
-    base_port: int = typer.Option(None, help="first worker gRPC port (default 50051; decode from +10)"),
+    base_port: int = typer.Option(
+        None,
+        help="first worker gRPC port (default 50051; decode from +10; metrics on each + 1000); "
+        "0: pick every worker's gRPC and metrics port free",
+    ),
     log_dir: str = typer.Option(None, help="write each process's log here"),
     registry: str = typer.Option(None, help="redis:// URL: workers register there and the gateway discovers them"),
 ) -> None:

@@ -2,10 +2,13 @@
 
 Cores are divided between the prefill and decode pools so that workers never oversubscribe the
 machine. Children die with the launcher (PR_SET_PDEATHSIG), and Ctrl-C / SIGTERM stop them all.
+Ports are the documented defaults (gateway 8000, prefill 50051+, decode 50061+, worker metrics on
+the gRPC port + 1000) unless asked for 0, which picks ports free at start (tests, shared machines).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -41,10 +44,65 @@ def divide_cores(cores: int, prefill: int, decode: int) -> CorePlan:
     return CorePlan(p, d, f"{cores} cores: {prefill} prefill x {p} thread(s), {decode} decode x {d} thread(s)")
 
 
+METRICS_OFFSET = 1000  # a worker serves Prometheus metrics on its gRPC port + this (its default)
+_handed_out: set[int] = set()
+
+
+def _hold(held: contextlib.ExitStack, host: str, port: int) -> int | None:
+    """Bind `port` (0: any) and keep it bound until `held` closes; the port, or None if taken."""
+    s = held.enter_context(socket.socket())
+    try:
+        s.bind((host, port))
+    except (OSError, OverflowError):
+        return None
+    return s.getsockname()[1]
+
+
+def free_ports(n: int, host: str = "127.0.0.1", paired: int = 0) -> list[int]:
+    """`n` distinct ports nothing listens on now and that this process never handed out before: a
+    child binds its port only after loading a model, and a sibling started meanwhile must not be
+    given the same one. With `paired`, each port's port + paired is free and reserved too (a
+    worker's metrics port)."""
+    with contextlib.ExitStack() as held:  # a held socket keeps the kernel from offering its port again
+        ports: list[int] = []
+        while len(ports) < n:
+            port = _hold(held, host, 0)
+            if port is None or port in _handed_out:
+                continue
+            if paired and (port + paired in _handed_out or _hold(held, host, port + paired) is None):
+                continue
+            ports.append(port)
+        _handed_out.update(ports)
+        _handed_out.update(p + paired for p in ports if paired)
+        return ports
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_worker_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """gRPC ports for `n` workers, each with its metrics port (gRPC port + METRICS_OFFSET) free too."""
+    return free_ports(n, host, paired=METRICS_OFFSET)
+
+
+@dataclass(frozen=True)
+class PortPlan:
+    gateway: int
+    prefill: list[int]  # gRPC ports; each worker's metrics on its port + METRICS_OFFSET
+    decode: list[int]
+
+
+def plan_ports(port: int, base_port: int | None, prefill: int, decode: int, host: str = "127.0.0.1") -> PortPlan:
+    """`kvrelay up`'s ports. `port` 0 picks a free one for the gateway; `base_port` 0 picks free
+    worker ports (their metrics ports free too); otherwise prefill workers take base_port (default
+    50051) onwards and decode workers base_port + 10 onwards."""
+    gateway = free_port(host) if port == 0 else port
+    if base_port == 0:
+        picked = free_worker_ports(prefill + decode, host)
+        return PortPlan(gateway, picked[:prefill], picked[prefill:])
+    base = base_port or 50051
+    return PortPlan(gateway, [base + i for i in range(prefill)], [base + 10 + i for i in range(decode)])
 
 
 def _die_with_parent() -> None:
@@ -146,6 +204,7 @@ def up(
 ) -> int:
     plan = divide_cores(os.cpu_count() or 1, prefill, decode)
     print(f"kvrelay up: {plan.note}", flush=True)
+    ports = plan_ports(port, base_port, prefill, decode, host)
     cluster = Cluster(host=host, log_dir=log_dir)
     stop = False
 
@@ -158,20 +217,16 @@ def up(
     # With a registry, workers announce themselves and the gateway finds them there.
     reg = ["--registry", registry] if registry else []
     try:
-        p_addrs = [
-            cluster.worker("prefill", (base_port or 50051) + i, plan.prefill_threads, model, reg)
-            for i in range(prefill)
-        ]
-        d_addrs = [
-            cluster.worker(
-                "decode", (base_port or 50051) + 10 + i, plan.decode_threads, model, ["--transfer", transfer, *reg]
-            )
-            for i in range(decode)
-        ]
+        p_addrs = [cluster.worker("prefill", p, plan.prefill_threads, model, reg) for p in ports.prefill]
+        d_extra = ["--transfer", transfer, *reg]
+        d_addrs = [cluster.worker("decode", p, plan.decode_threads, model, d_extra) for p in ports.decode]
+        for role, role_ports in (("prefill", ports.prefill), ("decode", ports.decode)):
+            for p in role_ports:
+                print(f"kvrelay up: {role} worker at {host}:{p} (metrics {host}:{p + METRICS_OFFSET})", flush=True)
         if registry:
-            url = cluster.gateway(port, [], [], model, transfer, reg)
+            url = cluster.gateway(ports.gateway, [], [], model, transfer, reg)
         else:
-            url = cluster.gateway(port, p_addrs, d_addrs, model, transfer)
+            url = cluster.gateway(ports.gateway, p_addrs, d_addrs, model, transfer)
         want = "disaggregated" if prefill else "colocated"
         deadline = time.monotonic() + 300
         while not stop:

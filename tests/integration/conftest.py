@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
+import httpx
 import pytest
 
-from common.rpc import worker_pb2, worker_pb2_grpc
-from kvrelay.launcher import Cluster, free_port
+from common.engine.sampling import SamplingParams
+from common.rpc import prefill_pb2, prefill_pb2_grpc, worker_pb2, worker_pb2_grpc
+from common.rpc.convert import params_to_proto
+from kvrelay.launcher import Cluster, free_port, free_worker_ports
 from tests.tiny_checkpoint import write_tiny_checkpoint
+from tests.waiting import async_wait_for, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -60,12 +67,11 @@ def start_cluster(
 ) -> Running:
     env = {"KVRELAY_TRACING__DIR": os.path.join(log_dir, "traces"), **(env or {})}
     cluster = Cluster(log_dir=log_dir, env=env)
+    ports = free_worker_ports(prefill + decode)  # each with its metrics port (+ 1000) free too
     try:
-        p = [cluster.worker("prefill", free_port(), 1, model, prefill_extra) for _ in range(prefill)]
-        d = [
-            cluster.worker("decode", free_port(), 1, model, ["--transfer", transfer, *(decode_extra or [])])
-            for _ in range(decode)
-        ]
+        p = [cluster.worker("prefill", port, 1, model, prefill_extra) for port in ports[:prefill]]
+        d_extra = ["--transfer", transfer, *(decode_extra or [])]
+        d = [cluster.worker("decode", port, 1, model, d_extra) for port in ports[prefill:]]
         extra = ["--scheduler-config", force_pd_config(log_dir)] if force_pd else []
         extra += gateway_extra or []
         url = cluster.gateway(free_port(), p, d, model, transfer, extra)
@@ -78,15 +84,25 @@ def start_cluster(
 
 
 @pytest.fixture(scope="session")
-def tiny_cluster(tiny_dir, tmp_path_factory) -> Iterator[Running]:
-    """One 1-prefill + 1-decode cluster over gRPC transfer, shared by the tests that only send traffic."""
+def _tiny_cluster_shared(tiny_dir, tmp_path_factory) -> Iterator[Running]:
+    """The cluster behind `tiny_cluster`; request that fixture, which checks for leaks after each test."""
     run = start_cluster(str(tmp_path_factory.mktemp("tiny-cluster-logs")), tiny_dir)
     yield run
     run.cluster.stop()
 
 
 @pytest.fixture
+def tiny_cluster(_tiny_cluster_shared) -> Iterator[Running]:
+    """One 1-prefill + 1-decode cluster over gRPC transfer, shared by the tests that only send traffic.
+    It is checked for leaked KV after every test that used it, so a leak fails the test that caused
+    it rather than whichever test runs next."""
+    yield _tiny_cluster_shared
+    check_no_kv_held(_tiny_cluster_shared.workers())
+
+
+@pytest.fixture
 def cluster_factory(tmp_path) -> Iterator:
+    """Clusters of the test's own; after the test's body, before they stop, their workers must hold no KV."""
     started: list[Running] = []
 
     def make(*args, **kwargs) -> Running:
@@ -95,30 +111,90 @@ def cluster_factory(tmp_path) -> Iterator:
         return r
 
     yield make
-    for r in started:
-        r.cluster.stop()
+    try:
+        for r in started:
+            check_no_kv_held(r.workers())
+    finally:
+        for r in started:
+            r.cluster.stop()
 
 
-async def worker_stats(address: str) -> worker_pb2.StatsResponse:
+async def worker_stats(address: str, timeout: float = 5.0) -> worker_pb2.StatsResponse:
     async with grpc.aio.insecure_channel(address) as ch:
-        return await worker_pb2_grpc.WorkerServiceStub(ch).Stats(worker_pb2.StatsRequest(), timeout=5)
+        return await worker_pb2_grpc.WorkerServiceStub(ch).Stats(worker_pb2.StatsRequest(), timeout=timeout)
 
 
 async def assert_workers_clean(addresses: list[str], wait_s: float = 5.0) -> None:
-    """No request holds KV on any worker: nothing running, waiting or pinned, every block free."""
-    import asyncio
+    """No request holds KV on any worker: nothing running, waiting or pinned, every block free.
+    A request that just finished frees its blocks a moment later, hence the wait."""
+    dirty: list[worker_pb2.StatsResponse] = []
 
-    deadline = asyncio.get_running_loop().time() + wait_s
-    while True:
+    async def clean() -> bool:
+        nonlocal dirty
         stats = [await worker_stats(a) for a in addresses]
         dirty = [s for s in stats if s.running or s.waiting or s.pinned or s.free_blocks != s.total_blocks]
-        if not dirty:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(
-                f"KV still held: {[(s.worker_id, s.running, s.pinned, s.free_blocks, s.total_blocks) for s in dirty]}"
+        return not dirty
+
+    try:
+        await async_wait_for(clean, wait_s, "every worker to free its KV")
+    except AssertionError:
+        held = [(s.worker_id, s.running, s.waiting, s.pinned, s.free_blocks, s.total_blocks) for s in dirty]
+        raise AssertionError(
+            f"KV still held after {wait_s:.0f}s (worker, running, waiting, pinned, free, total blocks): {held}"
+        ) from None
+
+
+def check_no_kv_held(addresses: list[str], wait_s: float = 5.0) -> None:
+    """The leak check every cluster fixture runs after its test: the workers that still answer hold no
+    KV. Workers the test stopped or killed on purpose no longer answer and are skipped. The deadline
+    is shorter than a prefill lease (10 s), so blocks a lease would free late still count as leaked."""
+
+    async def main() -> None:
+        live = []
+        for a in addresses:
+            try:
+                await worker_stats(a, timeout=2.0)
+            except grpc.aio.AioRpcError:
+                continue
+            live.append(a)
+        if live:
+            await assert_workers_clean(live, wait_s)
+
+    asyncio.run(main())
+
+
+_probe_rng = random.Random()  # its own: a test that seeds the global one must not repeat probe blocks
+
+
+def wait_until_gateway_follows(url: str, worker: str, block_size: int = 16, timeout: float = 30.0) -> None:
+    """Wait until the gateway's prefix index holds every KV event `worker` published so far.
+
+    The index is not observable from outside, so this stores one fresh block on the worker (directly
+    over gRPC: its events come after all earlier ones) and probes the gateway with a prompt starting
+    with that block until the gateway routes it to `worker` predicting the block cached there. Events
+    are applied in order, so the earlier ones are in the index too. A probe sent too early may land on
+    another worker; it leaves only that unrelated block there."""
+    block = [_probe_rng.randrange(1, 251) for _ in range(block_size)]
+    request_id = f"follow-probe-{uuid.uuid4().hex[:8]}"
+
+    async def store() -> None:  # max_tokens=1: the request ends with its first token, nothing stays pinned
+        params = params_to_proto(SamplingParams.create(max_tokens=1))
+        async with grpc.aio.insecure_channel(worker) as ch:
+            await prefill_pb2_grpc.PrefillServiceStub(ch).Prefill(
+                prefill_pb2.PrefillRequest(request_id=request_id, token_ids=[*block, 1], params=params), timeout=30
             )
-        await asyncio.sleep(0.1)
+
+    asyncio.run(store())
+    model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+
+    def follows() -> bool:
+        body = {"model": model, "prompt": [*block, 2], "max_tokens": 1, "temperature": 0}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        assert r.status_code == 200, r.text
+        predicted = int(r.headers["x-kvrelay-predicted-cached-tokens"])
+        return r.headers["x-kvrelay-prefill"] == worker and predicted == block_size
+
+    wait_for(follows, timeout, f"{url} to follow the KV events of {worker}")
 
 
 def logs_of(tmp_path) -> str:

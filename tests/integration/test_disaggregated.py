@@ -1,7 +1,6 @@
 """Gateway → prefill → KV transfer → decode, as real processes, against one engine alone."""
 
 import asyncio
-import time
 
 import grpc
 import httpx
@@ -15,6 +14,7 @@ from common.rpc.convert import params_to_proto
 from tests.helpers import assert_no_leaks, run_to_completion, tokens_of
 from tests.integration.client import chat_token_ids, model_id
 from tests.integration.conftest import assert_workers_clean
+from tests.waiting import wait_for
 
 QUESTIONS = ["hello there", "what is two plus two?", "tell me a long story about a ship " * 6, "x", "abc " * 40]
 
@@ -29,7 +29,7 @@ def reference_tokens(model_dir: str, max_tokens: int) -> list[list[int]]:
     return [tokens_of(outs[str(i)]) for i in range(len(QUESTIONS))]
 
 
-async def through_gateway(url: str, workers: list[str], max_tokens: int) -> list[list[int]]:
+async def through_gateway(url: str, max_tokens: int) -> list[list[int]]:
     async with httpx.AsyncClient(timeout=60) as client:
         model = await model_id(client, url)
         got = []
@@ -37,18 +37,17 @@ async def through_gateway(url: str, workers: list[str], max_tokens: int) -> list
             ids, mode = await chat_token_ids(client, url, model, q, max_tokens, stream=bool(i % 2))
             assert mode == "disaggregated"
             got.append(ids)
-        await assert_workers_clean(workers)
         return got
 
 
 def test_greedy_equivalence_grpc(tiny_cluster, tiny_dir):
-    got = asyncio.run(through_gateway(tiny_cluster.url, tiny_cluster.workers(), 24))
+    got = asyncio.run(through_gateway(tiny_cluster.url, 24))
     assert got == reference_tokens(tiny_dir, 24)
 
 
 def test_greedy_equivalence_nixl(cluster_factory, tiny_dir):
     run = cluster_factory(tiny_dir, transfer="nixl")
-    got = asyncio.run(through_gateway(run.url, run.workers(), 24))
+    got = asyncio.run(through_gateway(run.url, 24))
     assert got == reference_tokens(tiny_dir, 24)
 
 
@@ -58,9 +57,7 @@ def test_colocated_mode_when_no_prefill_worker(cluster_factory, tiny_dir):
     async def main():
         async with httpx.AsyncClient(timeout=60) as client:
             model = await model_id(client, run.url)
-            ids, mode = await chat_token_ids(client, run.url, model, QUESTIONS[1], 24, stream=False)
-            await assert_workers_clean(run.workers())
-            return ids, mode
+            return await chat_token_ids(client, run.url, model, QUESTIONS[1], 24, stream=False)
 
     ids, mode = asyncio.run(main())
     assert mode == "colocated"
@@ -69,15 +66,12 @@ def test_colocated_mode_when_no_prefill_worker(cluster_factory, tiny_dir):
 
 def test_layout_mismatch_worker_is_never_chosen_and_says_why(cluster_factory, tiny_dir):
     run = cluster_factory(tiny_dir, prefill_extra=["--block-size", "32"], timeout=60, want_colocated=True)
-    deadline = time.monotonic() + 30  # "colocated" may be reported before the prefill worker answered
-    while True:
-        ready = httpx.get(f"{run.url}/ready").json()
-        why = ready["workers"]["prefill"]["incompatible"].get(run.prefill[0])
-        if why or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert why, ready
-    assert "block_size: 32 != 16" in why
+
+    def why() -> str | None:  # "colocated" may be reported before the prefill worker answered
+        return httpx.get(f"{run.url}/ready").json()["workers"]["prefill"]["incompatible"].get(run.prefill[0])
+
+    wait_for(why, 30, "the gateway to find the prefill worker's layout incompatible")
+    assert "block_size: 32 != 16" in why()
     model = httpx.get(f"{run.url}/v1/models").json()["data"][0]["id"]
     r = httpx.post(
         f"{run.url}/v1/chat/completions",
@@ -85,7 +79,6 @@ def test_layout_mismatch_worker_is_never_chosen_and_says_why(cluster_factory, ti
         json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0},
     )
     assert r.status_code == 200 and r.headers["x-kvrelay-mode"] == "colocated"
-    asyncio.run(assert_workers_clean(run.workers()))
 
 
 def test_layout_mismatch_at_the_decode_worker_is_a_clear_error(cluster_factory, tiny_dir):
@@ -115,7 +108,6 @@ def test_layout_mismatch_at_the_decode_worker_is_a_clear_error(cluster_factory, 
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "KV layouts differ" in err.value.details() and "block_size: 16 != 32" in err.value.details()
             await kv_pb2_grpc.KVServiceStub(pch).Release(kv_pb2.ReleaseRequest(request_id="mismatch"), timeout=5)
-        await assert_workers_clean(run.workers())
 
     asyncio.run(main())
 

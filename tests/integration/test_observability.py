@@ -8,7 +8,6 @@ import json
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -16,6 +15,7 @@ import pytest
 import yaml
 
 from kvrelay.launcher import free_port
+from tests.waiting import wait_for
 
 OBS = Path(__file__).resolve().parents[2] / "k8s" / "base" / "observability"
 _SUFFIXES = ("_bucket", "_count", "_sum")
@@ -128,32 +128,36 @@ def test_prometheus_scrapes_every_service_and_the_dashboard_matches(tiny_cluster
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
         ups: list = []
-        while time.monotonic() < deadline:
+
+        def every_target_up() -> bool:
+            nonlocal ups
             try:
                 ups = prometheus_query(base, "up")
-                if len(ups) == 3 and all(u["value"][1] == "1" for u in ups):
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        assert len(ups) == 3 and all(u["value"][1] == "1" for u in ups), (
-            ups,
-            (tmp_path / "prometheus.log").read_text()[-2000:],
-        )
+            except httpx.HTTPError:  # not listening yet
+                return False
+            return len(ups) == 3 and all(u["value"][1] == "1" for u in ups)
+
+        try:
+            wait_for(every_target_up, 60, "Prometheus to scrape the gateway and both workers")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {ups}\n{(tmp_path / 'prometheus.log').read_text()[-2000:]}") from None
         for i in range(6):  # traffic while Prometheus watches, so rates are non-zero
             body = {"model": model, "prompt": f"scraped {i}", "max_tokens": 8}
             assert httpx.post(f"{run.url}/v1/completions", json=body, timeout=60).status_code == 200
         q = "histogram_quantile(0.99, sum by (le) (rate(kvrelay_gateway_time_to_first_token_seconds_bucket[1m])))"
-        value = None
-        while time.monotonic() < deadline:
+        res: list = []
+
+        def ttft_known() -> bool:
+            nonlocal res
             res = prometheus_query(base, q)
-            if res and res[0]["value"][1] not in ("NaN", "+Inf"):
-                value = float(res[0]["value"][1])
-                break
-            time.sleep(0.5)
-        assert value is not None and 0 < value < 60, f"no TTFT p99 from Prometheus: {res}"
+            return bool(res) and res[0]["value"][1] not in ("NaN", "+Inf")
+
+        try:
+            wait_for(ttft_known, 60, "Prometheus to answer a TTFT p99")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {res}") from None
+        assert 0 < float(res[0]["value"][1]) < 60, f"implausible TTFT p99 from Prometheus: {res}"
         assert prometheus_query(base, 'kvrelay_worker_kv_usage_ratio{role="decode"}')
     finally:
         proc.terminate()

@@ -13,12 +13,12 @@ from tests.integration.conftest import assert_workers_clean, worker_stats
 openai = pytest.importorskip("openai")
 
 
-@pytest.fixture(scope="module")
-def client(tiny_cluster):
+@pytest.fixture
+def client(tiny_cluster):  # per test, as tiny_cluster is: each test that sends traffic gets its leak check
     return openai.OpenAI(base_url=f"{tiny_cluster.url}/v1", api_key="unused", max_retries=0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def model(client):
     return client.models.list().data[0].id
 

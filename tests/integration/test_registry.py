@@ -12,13 +12,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import grpc
 import httpx
 import pytest
 import redis
 
+from common.discovery.event_stream import decode_entry
 from common.discovery.record import RegistryKeys, WorkerRecord
-from kvrelay.launcher import Cluster, free_port
-from tests.integration.conftest import assert_workers_clean, force_pd_config
+from common.rpc import worker_pb2, worker_pb2_grpc
+from kvrelay.launcher import Cluster, free_port, free_worker_ports
+from tests.integration.conftest import check_no_kv_held, force_pd_config, wait_until_gateway_follows
+from tests.waiting import async_wait_for, wait_for
 
 KEYS = RegistryKeys()
 PREFIX = [(7 * i) % 250 + 1 for i in range(96)]  # 6 full blocks of 16
@@ -37,7 +41,7 @@ class RegCluster:
     def add_worker(self, role: str) -> str:
         extra = ["--registry", self.redis_url, "--log-level", "info"]
         extra += ["--transfer", "grpc"] if role == "decode" else []
-        addr = self.cluster.worker(role, free_port(), 1, self.model, extra)
+        addr = self.cluster.worker(role, free_worker_ports(1)[0], 1, self.model, extra)
         (self.prefill if role == "prefill" else self.decode).append(addr)
         return addr
 
@@ -50,20 +54,37 @@ class RegCluster:
     def proc(self, name_prefix: str):  # noqa: ANN201
         return next(p for n, p in self.cluster.procs if n.startswith(name_prefix))
 
-    def wait_pools(self, url: str, prefill: int, decode: int, timeout: float = 60.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
+    def wait_pools(self, url: str, prefill: int, decode: int, timeout: float = 60.0) -> None:
+        def pools_seen() -> bool:
             self.cluster.check_alive()
             try:
-                ready = httpx.get(f"{url}/ready", timeout=2).json()
-                w = ready.get("workers", {})
-                if len(w["prefill"]["healthy"]) == prefill and len(w["decode"]["healthy"]) == decode:
-                    return ready
+                w = httpx.get(f"{url}/ready", timeout=2).json().get("workers", {})
+                return len(w["prefill"]["healthy"]) == prefill and len(w["decode"]["healthy"]) == decode
             except (httpx.HTTPError, KeyError, json.JSONDecodeError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} never saw {prefill}+{decode} workers")
-            time.sleep(0.2)
+                return False
+
+        wait_for(pools_seen, timeout, f"{url} to see {prefill}+{decode} healthy workers")
+
+    def wait_published(self, worker: str) -> None:
+        """Until the worker's event stream in Redis holds every KV event the worker has logged."""
+        rc = redis.Redis.from_url(self.redis_url)
+        records = [WorkerRecord.decode(rc.get(k)) for k in rc.scan_iter(KEYS.worker_pattern)]
+        stream = next(r.events_stream for r in records if r.address == worker)
+
+        async def logged() -> int:
+            async with grpc.aio.insecure_channel(worker) as ch:
+                call = worker_pb2_grpc.WorkerServiceStub(ch).WatchEvents(worker_pb2.WatchEventsRequest(), timeout=10)
+                first = await call.read()  # after_seq 0: a snapshot, current to the log's last seq
+                call.cancel()
+                return first.last_seq
+
+        last = asyncio.run(logged())
+
+        def published() -> bool:
+            entries = rc.xrevrange(stream, count=1)
+            return bool(entries) and decode_entry(entries[0][1])[-1].seq >= last
+
+        wait_for(published, 10, f"{worker} to publish its KV events up to seq {last}")
 
 
 @pytest.fixture
@@ -82,8 +103,12 @@ def reg_cluster(redis_url, tiny_dir, tmp_path) -> Iterator:
         return c
 
     yield make
-    for c in clusters:
-        c.cluster.stop()
+    try:
+        for c in clusters:
+            check_no_kv_held(c.prefill + c.decode)
+    finally:
+        for c in clusters:
+            c.cluster.stop()
 
 
 def complete(url: str, prompt: list[int], max_tokens: int = 2) -> httpx.Response:
@@ -102,14 +127,6 @@ def cached(r: httpx.Response) -> tuple[int, int]:
     return int(r.headers["x-kvrelay-predicted-cached-tokens"]), r.json()["usage"]["prompt_tokens_details"][
         "cached_tokens"
     ]
-
-
-def wait_for(check, timeout: float = 10.0, what: str = "condition") -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_a_new_worker_registers_and_takes_traffic(reg_cluster):
@@ -132,7 +149,6 @@ def test_a_new_worker_registers_and_takes_traffic(reg_cluster):
 
     used = asyncio.run(burst())
     assert new in used, f"the new decode worker took no traffic ({joined_s:.1f}s after start): {used}"
-    asyncio.run(assert_workers_clean(c.prefill + c.decode))
 
 
 def test_workers_drain_under_load_without_failures(reg_cluster):
@@ -143,43 +159,59 @@ def test_workers_drain_under_load_without_failures(reg_cluster):
     victims = [("prefill", c.prefill[0]), ("decode", c.decode[0])]
     procs = {a: c.proc(f"{role}-{a.rsplit(':', 1)[1]}") for role, a in victims}
     results: list[tuple[int, str | None, str]] = []
+    in_flight = 0
 
     async def load(stop: asyncio.Event) -> None:
         async with httpx.AsyncClient(timeout=60) as client:
             model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
 
             async def one(i: int) -> None:
+                nonlocal in_flight
+                in_flight += 1
                 body = {"model": model, "prompt": f"request {i}", "max_tokens": 32, "ignore_eos": True}
-                if i % 2:
-                    r = await client.post(f"{url}/v1/completions", json=body)
-                    fin = r.json()["choices"][0]["finish_reason"] if r.status_code == 200 else r.text
-                    results.append((r.status_code, fin, r.headers.get("x-kvrelay-decode", "")))
-                    return
-                fin = None
-                async with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as r:
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: {"):
-                            fin = json.loads(line[6:])["choices"][0]["finish_reason"] or fin
-                    results.append((r.status_code, fin, r.headers.get("x-kvrelay-decode", "")))
+                try:
+                    if i % 2:
+                        r = await client.post(f"{url}/v1/completions", json=body)
+                        fin = r.json()["choices"][0]["finish_reason"] if r.status_code == 200 else r.text
+                        results.append((r.status_code, fin, r.headers.get("x-kvrelay-decode", "")))
+                        return
+                    fin = None
+                    async with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as r:
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: {"):
+                                fin = json.loads(line[6:])["choices"][0]["finish_reason"] or fin
+                        results.append((r.status_code, fin, r.headers.get("x-kvrelay-decode", "")))
+                finally:
+                    in_flight -= 1
 
             i = 0
             while not stop.is_set():
                 await asyncio.gather(*(one(i + k) for k in range(4)))
                 i += 4
 
+    async def streaming() -> bool:  # a round was served and the next one is under way
+        return len(results) >= 4 and in_flight > 0
+
+    async def exited() -> bool:
+        return all(p.poll() is not None for p in procs.values())
+
     async def scenario() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(load(stop))
-        await asyncio.sleep(2.0)
-        for p in procs.values():
-            p.send_signal(signal.SIGTERM)
-        for _ in range(300):
-            if all(p.poll() is not None for p in procs.values()):
-                break
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(1.0)
-        stop.set()
-        await task
+        try:
+            await async_wait_for(streaming, 60, "the load to flow")
+            for p in procs.values():
+                p.send_signal(signal.SIGTERM)
+            await async_wait_for(exited, 30, "the drained workers to exit")
+            served = len(results)
+
+            async def survivors_serve() -> bool:
+                return len(results) >= served + 4
+
+            await async_wait_for(survivors_serve, 60, "the survivors to serve more requests")
+        finally:
+            stop.set()
+            await task
 
     asyncio.run(scenario())
     assert [p.returncode for p in procs.values()] == [0, 0]
@@ -190,7 +222,6 @@ def test_workers_drain_under_load_without_failures(reg_cluster):
     assert left == {c.prefill[1], c.decode[1]}, "the drained workers must have deregistered"
     after = complete(url, [5, 6, 7], max_tokens=4)
     assert after.headers["x-kvrelay-decode"] == c.decode[1]
-    asyncio.run(assert_workers_clean([c.prefill[1], c.decode[1]]))
 
 
 def test_two_gateways_route_alike_and_a_lagging_one_resyncs(reg_cluster):
@@ -198,7 +229,7 @@ def test_two_gateways_route_alike_and_a_lagging_one_resyncs(reg_cluster):
     a, b = c.gateways
     first = complete(a, PREFIX + [1, 2, 3])
     owner = first.headers["x-kvrelay-prefill"]
-    time.sleep(1.5)  # the stored-block events reach both gateways through Redis
+    wait_until_gateway_follows(b, owner)  # the stored-block events reached B through Redis
 
     for k in range(3):  # gateway B never saw these requests, only their KV events
         r = complete(b, PREFIX + [10 + k])
@@ -214,15 +245,15 @@ def test_two_gateways_route_alike_and_a_lagging_one_resyncs(reg_cluster):
     try:
         moved = complete(b, other + [1])
         owner2 = moved.headers["x-kvrelay-prefill"]
-        time.sleep(0.5)
+        wait_until_gateway_follows(b, owner2)
         assert complete(b, other + grown + [1]).headers["x-kvrelay-prefill"] == owner2
-        time.sleep(0.5)
+        c.wait_published(owner2)  # trimmed now, the stream can only continue after a hole
         rc = redis.Redis.from_url(c.redis_url)
         for key in rc.scan_iter(f"{KEYS.prefix}:kv-events:*"):
             rc.xtrim(key, maxlen=0)
         # new events on the same worker, after the hole
         assert complete(b, other + grown[::-1] + [1]).headers["x-kvrelay-prefill"] == owner2
-        time.sleep(0.5)
+        c.wait_published(owner2)
     finally:
         gw_a.send_signal(signal.SIGCONT)
 
@@ -232,11 +263,10 @@ def test_two_gateways_route_alike_and_a_lagging_one_resyncs(reg_cluster):
         return float(line.split()[1]) >= 1
 
     wait_for(resynced, 15, "gateway A to detect the gap and resync")
-    time.sleep(0.5)
+    wait_until_gateway_follows(a, owner2)  # the snapshot it resynced from has arrived
     r = complete(a, other + grown + [2, 3])
     assert r.headers["x-kvrelay-prefill"] == owner2
     assert cached(r) == (112, 112), "after the resync, gateway A knows the block it never saw an event for"
-    asyncio.run(assert_workers_clean(c.prefill + c.decode))
 
 
 def test_registry_survives_a_gateway_restart(reg_cluster):
@@ -248,17 +278,16 @@ def test_registry_survives_a_gateway_restart(reg_cluster):
     c.cluster.procs = [(n, p) for n, p in c.cluster.procs if p is not gw]
     url = c.add_gateway()  # a new gateway given nothing but the registry
     c.wait_pools(url, 2, 1, timeout=60)
-    time.sleep(1.0)  # its prefix index is rebuilt from the workers' snapshots
+    wait_until_gateway_follows(url, first.headers["x-kvrelay-prefill"])  # its index rebuilt from snapshots
     r = complete(url, PREFIX + [2])
     assert r.headers["x-kvrelay-prefill"] == first.headers["x-kvrelay-prefill"]
     assert cached(r) == (96, 96)
-    asyncio.run(assert_workers_clean(c.prefill + c.decode))
 
 
 def test_a_worker_whose_registry_is_unreachable_says_so(tiny_dir, tmp_path):
     cluster = Cluster(log_dir=str(tmp_path))
     url = f"redis://127.0.0.1:{free_port()}/0"
-    cluster.worker("decode", free_port(), 1, tiny_dir, ["--registry", url])
+    cluster.worker("decode", free_worker_ports(1)[0], 1, tiny_dir, ["--registry", url])
     proc = cluster.procs[-1][1]
     try:
         assert proc.wait(120) == 2

@@ -7,32 +7,37 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
 from common.tracing.jsonl import read_spans
+from tests.waiting import wait_for
 
 MARKER = "zebra marmalade quartz"
+# The span each service ends last for a disaggregated request. A batch span processor exports spans
+# in the order they ended, so once these are in the files, so is every other span of the trace.
+LAST_SPANS = {
+    ("kvrelay-gateway", "POST /v1/chat/completions"),  # the request's root, open until the body is sent
+    ("kvrelay-prefill", "KVService/Release"),  # the decode worker has pulled the blocks
+    ("kvrelay-decode", "DecodeService/Decode"),  # the last token streamed
+}
 
 
-def spans_of(trace_dir: str, trace_id: str, services: int = 3, timeout: float = 15.0) -> list[dict]:
-    """The trace's spans once every service has flushed its part (they export in batches)."""
-    deadline = time.monotonic() + timeout
-    while True:
+def spans_of(trace_dir: str, trace_id: str, timeout: float = 15.0) -> list[dict]:
+    """The trace's spans once every service has exported its part (they export in batches)."""
+    spans: list[dict] = []
+
+    def complete() -> bool:
+        nonlocal spans
         spans = [s for s in read_spans(trace_dir) if s["trace_id"] == trace_id]
-        names = {s["name"] for s in spans}
-        if (
-            len({s["service"] for s in spans}) >= services
-            and "DecodeService/Decode" in names
-            and "KVService/Release" in names
-        ):
-            time.sleep(1.5)  # one more export period, for spans still in a batch
-            return [s for s in read_spans(trace_dir) if s["trace_id"] == trace_id]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"trace {trace_id} incomplete after {timeout}s: {sorted(names)}")
-        time.sleep(0.2)
+        return LAST_SPANS.issubset((s["service"], s["name"]) for s in spans)
+
+    try:
+        wait_for(complete, timeout, f"every service to export its spans of trace {trace_id}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; have {sorted((s['service'], s['name']) for s in spans)}") from None
+    return spans
 
 
 def chat(url: str, content: str, headers: dict | None = None, stream: bool = False) -> httpx.Response:

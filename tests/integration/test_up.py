@@ -1,7 +1,9 @@
 """`kvrelay up` starts every role, serves, and leaves no process behind on SIGTERM."""
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from kvrelay.launcher import divide_cores, free_port
+from kvrelay.launcher import METRICS_OFFSET, divide_cores, plan_ports
 
 
 def children_of(pid: int) -> list[int]:
@@ -46,9 +48,25 @@ def test_core_division():
     assert divide_cores(8, 0, 2).decode_threads == 4
 
 
+def test_default_ports_are_the_documented_ones():
+    plan = plan_ports(8000, None, prefill=2, decode=2)
+    assert (plan.gateway, plan.prefill, plan.decode) == (8000, [50051, 50052], [50061, 50062])
+    assert plan_ports(9000, 40000, 1, 1).decode == [40010]
+
+
+def test_port_zero_picks_free_distinct_ports_with_their_metrics_ports():
+    plan = plan_ports(0, 0, prefill=2, decode=2)
+    workers = plan.prefill + plan.decode
+    ports = [plan.gateway, *workers, *(p + METRICS_OFFSET for p in workers)]
+    assert len(set(ports)) == len(ports) == 9 and 0 not in ports
+    for p in ports:  # nothing listens there
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
+    assert plan_ports(0, None, 1, 1).prefill == [50051]  # only the gateway's is picked
+
+
 @pytest.mark.parametrize("with_registry", [False, True], ids=["static", "redis"])
 def test_up_serves_and_stops_cleanly(tiny_dir, tmp_path, request, with_registry):
-    port = free_port()
     registry = ["--registry", request.getfixturevalue("redis_url")] if with_registry else []
     proc = subprocess.Popen(
         [
@@ -57,9 +75,9 @@ def test_up_serves_and_stops_cleanly(tiny_dir, tmp_path, request, with_registry)
             "kvrelay.cli",
             "up",
             "--port",
-            str(port),
+            "0",  # every port, the workers' metrics ports too, picked free at start
             "--base-port",
-            str(free_port()),
+            "0",
             "--model",
             tiny_dir,
             "--log-dir",
@@ -78,22 +96,29 @@ def test_up_serves_and_stops_cleanly(tiny_dir, tmp_path, request, with_registry)
             lines.append(line)
             if "ready at" in line or not line:
                 break
-        assert any("ready at" in x for x in lines), "".join(lines)
-        assert any("cores:" in x for x in lines), "kvrelay up must say how it divided the cores"
+        out = "".join(lines)
+        ready = re.search(r"ready at (http://\S+)/v1", out)
+        assert ready, out
+        assert "cores:" in out, "kvrelay up must say how it divided the cores"
+        workers = dict(re.findall(r"kvrelay up: (\w+) worker at \S+ \(metrics (\S+)\)", out))
+        assert set(workers) == {"prefill", "decode"}, out
         kids = children_of(proc.pid)
         assert len(kids) == 3  # gateway, prefill, decode
         r = httpx.post(
-            f"http://127.0.0.1:{port}/v1/completions",
+            f"{ready.group(1)}/v1/completions",
             timeout=30,
             json={"model": Path(tiny_dir).name, "prompt": "hello", "max_tokens": 4},
         )
         assert r.status_code == 200, r.text
+        for role, metrics in workers.items():  # each worker serves its metrics where `up` said
+            text = httpx.get(f"http://{metrics}/metrics", timeout=5).text
+            assert f'role="{role}"' in text, text[:500]
         if with_registry:
             records = redis.Redis.from_url(registry[1]).keys("kvrelay:worker:*")
             assert len(records) == 2, "both workers registered, and the gateway found them there"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-        time.sleep(0.5)
+        # `up` returns only after reaping every child (Cluster.stop waits for each), so none may be left
         assert not [k for k in kids if alive(k)], "kvrelay up left processes behind"
         if with_registry:
             assert not redis.Redis.from_url(registry[1]).keys("kvrelay:*"), "workers deregister as they stop"

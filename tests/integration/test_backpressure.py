@@ -15,7 +15,7 @@ import pytest
 
 from tests.integration.client import model_id
 from tests.integration.conftest import assert_workers_clean
-from tests.waiting import wait_for
+from tests.waiting import async_wait_for, wait_for
 
 
 def _proc(c, name_prefix: str, address: str | None = None):  # noqa: ANN001, ANN202
@@ -32,6 +32,19 @@ def _chat(model: str, stream: bool = False, max_tokens: int = 8, **extra: object
         "stream": stream,
         **extra,
     }
+
+
+async def _gateway_metric(client: httpx.AsyncClient, url: str, metric: str) -> float:
+    """The gateway's metric, summed over the series whose line starts with `metric`."""
+    text = (await client.get(f"{url}/metrics")).text
+    return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(metric))
+
+
+async def _gateway_shows(client: httpx.AsyncClient, url: str, metric: str, value: float) -> None:
+    async def shows() -> bool:
+        return await _gateway_metric(client, url, metric) == value
+
+    await async_wait_for(shows, 10, f"{metric} to reach {value}")
 
 
 def _prefills_done(address: str) -> float:
@@ -58,7 +71,7 @@ def test_over_capacity_is_a_429_and_batch_is_shed_first(small_queue):
             os.kill(prefill.pid, signal.SIGSTOP)  # nothing gets its first token: the queue only grows
             try:
                 first = asyncio.create_task(client.post(f"{c.url}/v1/chat/completions", json=_chat(model)))
-                await asyncio.sleep(0.3)  # it is admitted and waits (1 of 2)
+                await _gateway_shows(client, c.url, "kvrelay_gateway_requests_waiting", 1)  # admitted, waits
                 batch = await client.post(
                     f"{c.url}/v1/chat/completions", json=_chat(model), headers={"X-Kvrelay-Priority": "batch"}
                 )
@@ -67,7 +80,8 @@ def test_over_capacity_is_a_429_and_batch_is_shed_first(small_queue):
                 assert err["type"] == "server_overloaded" and err["code"] == "queue_full"
                 assert int(batch.headers["retry-after"]) >= 1
                 second = asyncio.create_task(client.post(f"{c.url}/v1/chat/completions", json=_chat(model)))
-                await asyncio.sleep(0.3)  # interactive still gets the slot batch could not take (2 of 2)
+                # interactive still gets the slot batch could not take (2 of 2)
+                await _gateway_shows(client, c.url, "kvrelay_gateway_requests_waiting", 2)
                 third = await client.post(f"{c.url}/v1/chat/completions", json=_chat(model, priority="interactive"))
                 assert third.status_code == 429, third.text
             finally:
@@ -93,10 +107,11 @@ def test_a_client_that_leaves_during_prefill_aborts_it(cluster_factory, tiny_dir
             os.kill(prefill.pid, signal.SIGSTOP)
             try:
                 task = asyncio.create_task(client.post(f"{c.url}/v1/chat/completions", json=_chat(model, stream)))
-                await asyncio.sleep(0.5)
+                await _gateway_shows(client, c.url, "kvrelay_gateway_requests_waiting", 1)
                 task.cancel()  # the client hangs up while its prompt waits for prefill
                 await asyncio.gather(task, return_exceptions=True)
-                await asyncio.sleep(0.5)  # the gateway notices and cancels the call
+                # the gateway notices and cancels the call
+                await _gateway_shows(client, c.url, "kvrelay_gateway_requests_waiting", 0)
             finally:
                 os.kill(prefill.pid, signal.SIGCONT)
             await assert_workers_clean(c.workers())
@@ -135,8 +150,11 @@ def test_sigterm_drains_the_gateway_and_exits_zero(cluster_factory, tiny_dir):
                 lines = r.aiter_lines()
                 await anext(lines)
                 gateway.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.1)
-                assert (await client.get(f"{c.url}/ready")).status_code == 503
+
+                async def not_ready() -> bool:
+                    return (await client.get(f"{c.url}/ready")).status_code == 503
+
+                await async_wait_for(not_ready, 2, "/ready to answer 503")
                 rest = [line async for line in lines]
             assert rest[-2:] == ["data: [DONE]", ""] or "data: [DONE]" in rest
 
@@ -158,10 +176,12 @@ def test_no_decode_kv_for_the_request_is_a_429_before_any_work(cluster_factory, 
     async def run() -> None:
         async with httpx.AsyncClient(timeout=60) as client:
             model = await model_id(client, c.url)
+            base = await _gateway_metric(client, c.url, 'kvrelay_gateway_scheduled_worker_total{role="decode"')
             os.kill(decode.pid, signal.SIGSTOP)  # imports wait: their blocks stay promised, not reported
             try:
                 held = [asyncio.create_task(client.post(f"{c.url}/v1/completions", json=body(model))) for _ in range(4)]
-                await asyncio.sleep(0.5)  # 4 x 26 = 104 of 128 blocks promised
+                # 4 x 26 = 104 of 128 blocks promised
+                await _gateway_shows(client, c.url, 'kvrelay_gateway_scheduled_worker_total{role="decode"', base + 4)
                 r = await client.post(f"{c.url}/v1/completions", json=body(model))
                 assert r.status_code == 429, r.text
                 assert r.json()["error"]["code"] == "kv_cache_full" and "retry-after" in r.headers

@@ -14,6 +14,7 @@ import pytest
 
 from tests.integration.client import model_id
 from tests.integration.conftest import assert_workers_clean
+from tests.waiting import wait_for
 
 PROMPT = "tell me a long story about a ship and its crew"
 MAX_TOKENS = 300
@@ -58,6 +59,10 @@ async def _stream(url: str, on_tokens=None) -> dict:  # noqa: ANN001
         return got
 
 
+def _ready(url: str) -> dict:
+    return httpx.get(f"{url}/ready").json()
+
+
 def _metric(url: str, name: str) -> float:
     text = httpx.get(f"{url}/metrics").text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
@@ -68,6 +73,7 @@ def test_a_stream_survives_its_decode_worker(cluster_factory, tiny_dir, fault):
     # a frozen worker is noticed after 3 s; a loaded machine may need more than one migration
     env = {"KVRELAY_MIGRATION__STALL_TIMEOUT_S": "3", "KVRELAY_MIGRATION__MAX_ATTEMPTS": "6"}
     c = cluster_factory(tiny_dir, prefill=1, decode=2, env=env)
+    wait_for(lambda: len(_ready(c.url)["workers"]["decode"]["healthy"]) == 2, 60, "both decode workers up")
     reference = asyncio.run(_stream(c.url))
     assert reference["finish"] == "length" and len(reference["ids"]) == MAX_TOKENS
 
@@ -120,7 +126,7 @@ def test_a_stream_survives_its_prefill_worker_dying_before_the_pull(cluster_fact
         if got["ids"] and "killed" not in state:
             state["killed"] = len(got["ids"])
             os.kill(prefill.pid, signal.SIGKILL)
-            await asyncio.sleep(0.2)
+            await asyncio.to_thread(prefill.wait, 10)  # gone for sure (reaped) before the pull starts
             os.kill(decode.pid, signal.SIGCONT)  # now it pulls, from a worker that is gone
 
     os.kill(decode.pid, signal.SIGSTOP)  # the Decode call (and its pull) waits until we let it go

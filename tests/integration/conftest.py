@@ -77,10 +77,19 @@ def start_cluster(
         url = cluster.gateway(free_port(), p, d, model, transfer, extra)
         mode = "disaggregated" if prefill and not want_colocated else "colocated"
         cluster.wait_ready(url, timeout=timeout, want_mode=mode)
+        # Ready needs one decode worker; a test means all it started: wait until each has answered.
+        wait_for(lambda: _answered(url, p + d), timeout, "every worker to answer the gateway")
     except BaseException:
         cluster.stop()
         raise
     return Running(cluster, url, p, d)
+
+
+def _answered(url: str, addresses: list[str]) -> bool:
+    """Whether the gateway has heard from each of these workers (none is listed as down)."""
+    pools = httpx.get(f"{url}/ready", timeout=5).json()["workers"]
+    down = {a for pool in pools.values() for a in pool["down"]}
+    return not down & set(addresses)
 
 
 @pytest.fixture(scope="session")

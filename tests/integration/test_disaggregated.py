@@ -85,6 +85,11 @@ def test_layout_mismatch_at_the_decode_worker_is_a_clear_error(cluster_factory, 
     """Even if a caller pairs them anyway, the decode worker refuses before any byte moves."""
     run = cluster_factory(tiny_dir, prefill_extra=["--block-size", "32"], timeout=60, want_colocated=True)
 
+    def prefill_up() -> bool:  # "colocated" is ready before the prefill worker has loaded its model
+        return run.prefill[0] in httpx.get(f"{run.url}/ready").json()["workers"]["prefill"]["incompatible"]
+
+    wait_for(prefill_up, 30, "the prefill worker to answer")
+
     async def main():
         ids = list(range(40))
         params = params_to_proto(SamplingParams.create(max_tokens=4))

@@ -10,15 +10,28 @@ from collections.abc import AsyncIterator
 
 import grpc
 from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from common.engine.async_engine import AsyncEngine
 from common.engine.outputs import RequestOutput
 from common.errors import KVRelayError, KVTransferError
+from common.kv.layout import KVLayoutMismatchError
 from common.rpc import decode_pb2, decode_pb2_grpc, types_pb2
 from common.rpc.channels import ChannelPool
 from common.rpc.convert import layout_from_proto, params_from_proto
-from common.serving.metrics import QUEUE, REQUESTS, TRANSFER_BYTES, TRANSFER_FAILURES, TRANSFER_SECONDS, TTFT
-from kvtransfer.base import KVTransferClient, release
+from common.serving.metrics import (
+    DECODE,
+    KV_CACHE_FULL_WAITS,
+    PREFILL,
+    QUEUE,
+    REQUESTS,
+    TRANSFER_BYTES,
+    TRANSFER_FAILURES,
+    TRANSFER_SECONDS,
+    TTFT,
+)
+from common.serving.phases import PhaseTimer
+from kvtransfer.base import KVTransferClient, TransferResult, release
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -48,78 +61,100 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[decode_pb2.TokenChunk]:
         handle = request.handle
-        self.engine.engine.layout.check_compatible(layout_from_proto(handle.layout))
         kind = request.transfer or self.default_transfer
         client = self.transfers.get(kind)
         if client is None:
             raise KVRelayError(f"transfer backend {kind!r} is not available here; have {sorted(self.transfers)}")
+        try:
+            self.engine.engine.layout.check_compatible(layout_from_proto(handle.layout))
+        except KVLayoutMismatchError:
+            TRANSFER_FAILURES.labels(kind, "layout").inc()
+            raise
         params = params_from_proto(request.params)
         rid = request.request_id
         span = trace.get_current_span()
-        t_arrival = time.perf_counter()
+        timer = PhaseTimer()
         dst = await self._reserve(request, params, handle.lease_deadline_unix)
-        waited = time.perf_counter() - t_arrival
-        QUEUE.labels("decode").observe(waited)
-        span.set_attributes({"kvrelay.request_id": rid, "kvrelay.queue_seconds": waited})
+        QUEUE.labels("decode").observe(timer.until("queue"))
+        span.set_attribute("kvrelay.request_id", rid)
         try:
-            with _tracer.start_as_current_span("kv_transfer") as tspan:
-                tspan.set_attributes(
-                    {
-                        "kvrelay.transfer.backend": kind,
-                        "kvrelay.transfer.source_worker": handle.worker_id,
-                        "kvrelay.transfer.blocks": len(dst),
-                    }
-                )
-                try:
-                    result = await client.pull(handle, dst, timeout=self.transfer_timeout_s)
-                except (grpc.aio.AioRpcError, OSError, TimeoutError, KVRelayError, RuntimeError) as e:
-                    # The source failed, not this worker: say so, so the gateway re-prefills elsewhere.
-                    raise KVTransferError(f"pulling KV of {rid!r} from {handle.worker_id} failed: {e}") from e
-                tspan.set_attributes(
-                    {
-                        "kvrelay.transfer.bytes": result.bytes,
-                        "kvrelay.transfer.seconds": result.seconds,
-                        "kvrelay.transfer.gbps": result.bytes / max(result.seconds, 1e-9) / 1e9,
-                    }
-                )
-                try:
-                    released = await release(self.channels, handle)
-                except grpc.aio.AioRpcError as e:
-                    raise KVTransferError(f"releasing the KV of {rid!r} on {handle.worker_id} failed: {e}") from e
-                if not released:
-                    raise LeaseExpiredError(
-                        f"the KV lease of {rid!r} expired on {handle.worker_id} before the pull finished; retry"
-                    )
+            result = await self._pull(handle, dst, client, kind, rid)
         except BaseException:
-            TRANSFER_FAILURES.labels(kind).inc()
             await self.engine.abort(rid)
             try:
                 await release(self.channels, handle, timeout=1.0)
             except Exception:  # best effort: the lease frees the blocks anyway
                 log.debug("release after a failed pull of %s failed too", rid)
             raise
-        TRANSFER_BYTES.labels(kind).inc(result.bytes)
+        timer.until("transfer")
+        TRANSFER_BYTES.labels(kind).observe(result.bytes)
         TRANSFER_SECONDS.labels(kind).observe(result.seconds)
         stats = decode_pb2.TransferStats(
             backend=result.backend, blocks=result.blocks, bytes=result.bytes, seconds=result.seconds
         )
         first = True
-        t_decode = time.perf_counter()
         outputs = 0
         async for out in self.engine.decode_imported(rid):
             chunk = _chunk(out)
             if first:
                 chunk.transfer.CopyFrom(stats)
                 first = False
+                timer.until("decode_queue", out.admitted_at)
             outputs = out.num_output_tokens or outputs
             yield chunk
+        DECODE.labels("decode").observe(timer.until("decode"))
         REQUESTS.labels("decode", "Decode", "ok").inc()
+        timer.record(span)
         span.set_attributes(
             {
                 "gen_ai.usage.output_tokens": outputs,
-                "kvrelay.tpot_seconds": (time.perf_counter() - t_decode) / max(1, outputs - 1),
+                "kvrelay.tpot_seconds": timer.phases["decode"] / max(1, outputs - 1),
             }
         )
+
+    async def _pull(
+        self, handle: types_pb2.KVHandle, dst: list[int], client: KVTransferClient, kind: str, rid: str
+    ) -> TransferResult:
+        """Read the KV from the prefill worker and release it there, in a CLIENT span (the decode ->
+        prefill edge of a service graph). Failures count by reason and become KVTransferError: the
+        source failed, not this worker, so the gateway re-prefills elsewhere."""
+        host, _, port = handle.transfer_endpoint.rpartition(":")
+        with _tracer.start_as_current_span(
+            "kv_transfer",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "kvrelay.transfer.backend": kind,
+                "kvrelay.transfer.source_worker": handle.worker_id,
+                "kvrelay.transfer.blocks": len(dst),
+                "server.address": host or handle.transfer_endpoint,
+                "server.port": int(port) if port.isdigit() else 0,
+            },
+        ) as tspan:
+            try:
+                result = await client.pull(handle, dst, timeout=self.transfer_timeout_s)
+            except (grpc.aio.AioRpcError, OSError, TimeoutError, KVRelayError, RuntimeError) as e:
+                layout = isinstance(e, grpc.aio.AioRpcError) and e.code() is grpc.StatusCode.FAILED_PRECONDITION
+                reason = "layout" if layout or isinstance(e, KVLayoutMismatchError) else "pull"
+                TRANSFER_FAILURES.labels(kind, reason).inc()
+                raise KVTransferError(f"pulling KV of {rid!r} from {handle.worker_id} failed: {e}") from e
+            tspan.set_attributes(
+                {
+                    "kvrelay.transfer.bytes": result.bytes,
+                    "kvrelay.transfer.seconds": result.seconds,
+                    "kvrelay.transfer.gbps": result.bytes / max(result.seconds, 1e-9) / 1e9,
+                }
+            )
+            try:
+                released = await release(self.channels, handle)
+            except grpc.aio.AioRpcError as e:
+                TRANSFER_FAILURES.labels(kind, "release").inc()
+                raise KVTransferError(f"releasing the KV of {rid!r} on {handle.worker_id} failed: {e}") from e
+            if not released:
+                TRANSFER_FAILURES.labels(kind, "lease").inc()
+                raise LeaseExpiredError(
+                    f"the KV lease of {rid!r} expired on {handle.worker_id} before the pull finished; retry"
+                )
+        return result
 
     async def _reserve(self, request: decode_pb2.DecodeRequest, params, lease_deadline_unix: float) -> list[int]:  # noqa: ANN001
         """Blocks for the incoming KV. When the cache is momentarily full, wait for running requests to
@@ -134,6 +169,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 if time.time() + delay + _PULL_MARGIN_S >= lease_deadline_unix:
                     raise
                 if delay == 0.01:
+                    KV_CACHE_FULL_WAITS.labels("decode").inc()
                     trace.get_current_span().add_event("retry", {"kvrelay.retry.reason": "kv_cache_full"})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.2)
@@ -142,33 +178,27 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[decode_pb2.TokenChunk]:
         params = params_from_proto(request.params)
-        t0 = time.perf_counter()
+        timer = PhaseTimer()
         first = True
         span = trace.get_current_span()
+        span.set_attribute("kvrelay.request_id", request.request_id)
         async for out in self.engine.generate(request.request_id, list(request.token_ids), params):
+            chunk = _chunk(out)
             if first:
-                TTFT.labels("decode").observe(time.perf_counter() - t0)
-                if out.queue_seconds is not None:
-                    QUEUE.labels("decode").observe(out.queue_seconds)
-                span.add_event("first_token")
-                span.set_attributes(
-                    {
-                        "kvrelay.request_id": request.request_id,
-                        "kvrelay.queue_seconds": out.queue_seconds or 0.0,
-                        "kvrelay.compute_seconds": out.prefill_seconds or 0.0,
-                        "kvrelay.prefix.actual_cached_tokens": out.num_cached_tokens,
-                    }
-                )
                 first = False
-                t_first = time.perf_counter()
+                TTFT.labels("decode").observe(time.monotonic() - timer.start)
+                QUEUE.labels("decode").observe(timer.until("queue", out.admitted_at))
+                PREFILL.labels("decode").observe(timer.until("prefill", out.first_token_at))
+                span.add_event("first_token")
+                span.set_attribute("kvrelay.prefix.actual_cached_tokens", out.num_cached_tokens)
+                # The first chunk says what the prefix cache held, so the gateway can count it at once.
+                chunk.usage.prompt_tokens = out.num_prompt_tokens
+                chunk.usage.cached_tokens = out.num_cached_tokens
             if out.finished:
-                span.set_attributes(
-                    {
-                        "gen_ai.usage.output_tokens": out.num_output_tokens,
-                        "kvrelay.tpot_seconds": (time.perf_counter() - t_first) / max(1, out.num_output_tokens - 1),
-                    }
-                )
-            yield _chunk(out)
+                span.set_attribute("gen_ai.usage.output_tokens", out.num_output_tokens)
+            yield chunk
+        DECODE.labels("decode").observe(timer.until("decode"))
+        timer.record(span)
         REQUESTS.labels("decode", "Generate", "ok").inc()
 
 

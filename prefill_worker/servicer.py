@@ -12,7 +12,8 @@ from common.engine.async_engine import AsyncEngine
 from common.errors import InvalidRequestError
 from common.rpc import kv_pb2, kv_pb2_grpc, prefill_pb2, prefill_pb2_grpc, types_pb2
 from common.rpc.convert import layout_from_proto, layout_to_proto, params_from_proto
-from common.serving.metrics import QUEUE, REQUESTS, TTFT
+from common.serving.metrics import EXPORT, PREFILL, QUEUE, REQUESTS, TTFT
+from common.serving.phases import PhaseTimer
 from common.serving.worker_servicer import WorkerIdentity
 from kvtransfer.grpc_backend import stream_blocks
 from kvtransfer.nixl_backend import NixlKVServer
@@ -26,7 +27,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     async def Prefill(  # noqa: N802
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> prefill_pb2.PrefillResponse:
-        t0 = time.perf_counter()
+        timer = PhaseTimer()
         params = params_from_proto(request.params)
         out = None
         async for o in self.engine.generate(request.request_id, list(request.token_ids), params, prefill_only=True):
@@ -34,17 +35,17 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         if out is None or out.error or not out.new_token_ids:
             REQUESTS.labels("prefill", "Prefill", "error").inc()
             raise RuntimeError(out.error if out and out.error else "prefill produced no token")
-        TTFT.labels("prefill").observe(time.perf_counter() - t0)
-        if out.queue_seconds is not None:
-            QUEUE.labels("prefill").observe(out.queue_seconds)
+        TTFT.labels("prefill").observe(time.monotonic() - timer.start)
+        # queue: to admission (the wait for the engine thread included); prefill: the compute.
+        QUEUE.labels("prefill").observe(timer.until("queue", out.admitted_at))
+        PREFILL.labels("prefill").observe(timer.until("prefill", out.first_token_at))
         REQUESTS.labels("prefill", "Prefill", "ok").inc()
-        trace.get_current_span().set_attributes(
+        span = trace.get_current_span()
+        span.set_attributes(
             {
                 "kvrelay.request_id": request.request_id,
                 "gen_ai.usage.input_tokens": out.num_prompt_tokens,
                 "kvrelay.prefix.actual_cached_tokens": out.num_cached_tokens,
-                "kvrelay.queue_seconds": out.queue_seconds or 0.0,
-                "kvrelay.compute_seconds": out.prefill_seconds or 0.0,
             }
         )
         resp = prefill_pb2.PrefillResponse(
@@ -69,6 +70,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                     num_tokens=export.num_tokens,
                 )
             )
+        # export: from the token to the reply (the step's other work, delivery, pinning the blocks)
+        EXPORT.observe(timer.until("export"))
+        timer.record(span)
         return resp
 
 

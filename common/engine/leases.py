@@ -33,6 +33,7 @@ class LeaseTable:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
+        self.expired = 0  # leases that ran out before a release (a pull that never came, or came late)
 
     def pin(self, request_id: str, block_ids: list[int], num_tokens: int, deadline: float) -> None:
         with self._lock:
@@ -64,6 +65,7 @@ class LeaseTable:
             for rid, lease in self._leases.items():
                 if not lease.ended and lease.deadline <= now:
                     lease.ended = "expired"
+                    self.expired += 1
                 if lease.ended:
                     done.append(rid)
             for rid in done:
@@ -83,6 +85,7 @@ class LeaseTable:
         lease = self._leases.get(request_id)
         if lease is not None and not lease.ended and lease.deadline <= now:
             lease.ended = "expired"
+            self.expired += 1
         if lease is None or lease.ended:
             raise UnknownRequestError(f"no pinned KV for request {request_id!r} (released or lease expired)")
         return lease

@@ -56,6 +56,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}  # every request holding engine state
         self.leases = LeaseTable()  # pinned prefill KV; thread-safe (see leases.py)
         self.num_steps = 0
+        self.num_aborts = 0  # requests stopped from outside (client gone, failed pull, drain)
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(
@@ -72,6 +73,11 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is and free its blocks at once. False if unknown."""
+        dropped = self._drop(request_id)
+        self.num_aborts += dropped
+        return dropped
+
+    def _drop(self, request_id: str) -> bool:
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return False
@@ -103,7 +109,7 @@ class LLMEngine:
         for rid in request_ids:
             seq = self.seqs.get(rid)
             if seq is not None:
-                self.abort(rid)
+                self._drop(rid)
                 outs.append(RequestOutput(rid, finished=True, finish_reason="error", error=message))
         return outs
 
@@ -127,7 +133,7 @@ class LLMEngine:
         """Engine thread: free the blocks of leases that were released or have expired."""
         ended = self.leases.settle(now)
         for rid in ended:
-            self.abort(rid)
+            self._drop(rid)
         return ended
 
     def next_lease_deadline(self) -> float | None:
@@ -181,6 +187,9 @@ class LLMEngine:
             "cached_blocks": self.blocks.num_cached_blocks,
             "prefix_query_tokens": self.blocks.prefix_queries,
             "prefix_hit_tokens": self.blocks.prefix_hits,
+            "preemptions": self.scheduler.num_preemptions,
+            "aborts": self.num_aborts,
+            "lease_expiries": self.leases.expired,
         }
 
     # -- internals ------------------------------------------------------------------------------
@@ -247,7 +256,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, new_tokens: list[int]) -> RequestOutput:
         seq.finish_reason = reason
-        self.abort(seq.request_id)
+        self._drop(seq.request_id)
         seq.status = SeqStatus.FINISHED
         return self._output(seq, new_tokens)
 
@@ -264,6 +273,8 @@ class LLMEngine:
             text=seq.output_text if seq.params.stop else None,
             queue_seconds=_since(seq.arrival, seq.first_scheduled_time),
             prefill_seconds=_since(seq.first_scheduled_time, seq.first_token_time),
+            admitted_at=seq.first_scheduled_time,
+            first_token_at=seq.first_token_time,
         )
 
     def _free(self, seq: Sequence) -> None:

@@ -21,6 +21,10 @@ class RequestOutput:
     error: str | None = None
     queue_seconds: float | None = None  # arrival to first admission
     prefill_seconds: float | None = None  # first admission to first token
+    # The same moments as time.monotonic() (one clock for the whole process), so a service can split
+    # its own span into phases that add up: arrival -> admitted_at -> first_token_at -> its reply.
+    admitted_at: float | None = None
+    first_token_at: float | None = None
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -68,6 +69,8 @@ class Scheduler:
                 continue  # preempted to make room for an earlier arrival
             if not self._reserve_append(seq, batch):
                 continue
+            if seq.first_scheduled_time is None:  # imported KV: its first decode step is its admission
+                seq.first_scheduled_time = time.monotonic()
             batch.seqs.append((seq, 1))
             budget -= 1
         for seq in prefills:
@@ -109,6 +112,7 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
         batch.seqs = [(s, n) for s, n in batch.seqs if s is not seq]

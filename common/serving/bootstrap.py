@@ -29,11 +29,12 @@ AddServices = Callable[[grpc.aio.Server, AsyncEngine, WorkerIdentity], object]
 
 
 async def run_worker(settings: WorkerSettings, add_services: AddServices, backends: tuple[str, ...]) -> None:
-    init_tracing(f"kvrelay-{settings.role}", settings.tracing)
+    worker_id = settings.worker_id or f"{settings.role}-{uuid.uuid4().hex[:8]}"
+    init_tracing(f"kvrelay-{settings.role}", settings.tracing, instance_id=worker_id)
     engine = build_engine(settings.engine)
     runner = AsyncEngine(engine)
     identity = WorkerIdentity(
-        worker_id=settings.worker_id or f"{settings.role}-{uuid.uuid4().hex[:8]}",
+        worker_id=worker_id,
         role=settings.role,
         address=settings.address,
         transfer_backends=backends,
@@ -46,7 +47,7 @@ async def run_worker(settings: WorkerSettings, add_services: AddServices, backen
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}")
     metrics_port = settings.metrics_port if settings.metrics_port is not None else settings.port + 1000
-    serve_metrics(engine, settings.role, settings.host, metrics_port)
+    serve_metrics(engine, settings.role, worker_id, settings.host, metrics_port)
     await server.start()
     try:
         presence = await RegistryPresence.open(settings, identity, engine) if settings.registry else None

@@ -1,17 +1,33 @@
-"""Prometheus metrics of a worker process, served on its own HTTP port."""
+"""Prometheus metrics of a worker process, served on its own HTTP port.
+
+Each request's time on a worker is split into phases, one histogram each (per role):
+queue (arrival to admission; on a decode worker also the wait for free KV blocks), prefill
+(compute to the first token), KV export (prefill role: first token to the handle, the pin wait),
+transfer (decode role: the pull), decode (first token, or import, to the last token).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from common.engine.llm_engine import LLMEngine
+from common.tracing.setup import kvrelay_version
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_DECODE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+# A pull over RDMA between GPUs of one node takes tens of microseconds; over gRPC on CPU, seconds.
+_TRANSFER_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0,
+)  # fmt: skip
+_BYTES_BUCKETS = tuple(float(4**k * 1024) for k in range(13))  # 1 KiB .. 16 GiB
 
+INFO = Gauge("kvrelay_worker_info", "Always 1: who this worker is", ["worker_id", "role", "model", "version"])
 REQUESTS = Counter("kvrelay_worker_requests_total", "Requests handled by this worker", ["role", "rpc", "outcome"])
 TTFT = Histogram(
     "kvrelay_worker_time_to_first_token_seconds",
@@ -20,16 +36,50 @@ TTFT = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 QUEUE = Histogram(
-    "kvrelay_worker_queue_seconds",
-    "Arrival to first admission into the running batch",
+    "kvrelay_worker_request_queue_seconds",
+    "Arrival to admission into the running batch (decode: includes the wait for free KV blocks)",
     ["role"],
-    buckets=_LATENCY_BUCKETS,
+    buckets=_PHASE_BUCKETS,
 )
-TRANSFER_BYTES = Counter("kvrelay_kv_transfer_bytes_total", "KV bytes moved into this worker", ["backend"])
+PREFILL = Histogram(
+    "kvrelay_worker_request_prefill_seconds",
+    "Prefill compute, admission to first token",
+    ["role"],
+    buckets=_PHASE_BUCKETS,
+)
+EXPORT = Histogram(
+    "kvrelay_worker_kv_export_seconds",
+    "Prefill role: first token to the KV handle being ready (blocks pinned for the pull)",
+    buckets=_PHASE_BUCKETS,
+)
+DECODE = Histogram(
+    "kvrelay_worker_request_decode_seconds",
+    "First token (or KV import) to the last token",
+    ["role"],
+    buckets=_DECODE_BUCKETS,
+)
+KV_CACHE_FULL_WAITS = Counter(
+    "kvrelay_worker_kv_cache_full_waits_total", "Requests that had to wait for free KV blocks", ["role"]
+)
+TRANSFER_BYTES = Histogram("kvrelay_kv_transfer_bytes", "KV bytes of one pull", ["backend"], buckets=_BYTES_BUCKETS)
 TRANSFER_SECONDS = Histogram(
-    "kvrelay_kv_transfer_seconds", "Duration of one request's KV pull", ["backend"], buckets=_LATENCY_BUCKETS
+    "kvrelay_kv_transfer_seconds", "Duration of one request's KV pull", ["backend"], buckets=_TRANSFER_BUCKETS
 )
-TRANSFER_FAILURES = Counter("kvrelay_kv_transfer_failures_total", "Failed KV pulls", ["backend"])
+TRANSFER_FAILURES = Counter(
+    "kvrelay_kv_transfer_failures_total",
+    "Failed KV transfers by reason: pull (reading the blocks), release, lease (expired before the pull "
+    "finished), layout (incompatible KV layouts)",
+    ["backend", "reason"],
+)
+
+
+_ENGINE_COUNTERS = (
+    ("kvrelay_worker_prefix_cache_queries", "prefix_query_tokens", "Prompt tokens looked up in the prefix cache"),
+    ("kvrelay_worker_prefix_cache_hits", "prefix_hit_tokens", "Prompt tokens found in the prefix cache"),
+    ("kvrelay_worker_preemptions", "preemptions", "Running requests preempted for KV blocks (recomputed later)"),
+    ("kvrelay_worker_aborts", "aborts", "Requests stopped before they finished (client gone, failed pull)"),
+    ("kvrelay_worker_kv_lease_expiries", "lease_expiries", "Pinned prefill KV freed because its lease ran out"),
+)
 
 
 class EngineCollector(Collector):
@@ -39,7 +89,7 @@ class EngineCollector(Collector):
         self.engine = engine
         self.role = role
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self.engine.stats()
         blocks = GaugeMetricFamily("kvrelay_worker_kv_blocks", "KV cache blocks by state", labels=["role", "state"])
         used = s["total_blocks"] - s["free_blocks"]
@@ -55,13 +105,27 @@ class EngineCollector(Collector):
         for state in ("waiting", "running", "pinned"):
             reqs.add_metric([self.role, state], s[state])
         yield reqs
-        hits = GaugeMetricFamily(
-            "kvrelay_worker_prefix_cache_hit_ratio", "Prompt tokens found in the prefix cache", labels=["role"]
-        )
-        hits.add_metric([self.role], s["prefix_hit_tokens"] / max(1, s["prefix_query_tokens"]))
-        yield hits
+        for name, key, doc in (
+            (
+                "kvrelay_worker_prefix_cache_queries",
+                "prefix_query_tokens",
+                "Prompt tokens looked up in the prefix cache",
+            ),
+            ("kvrelay_worker_prefix_cache_hits", "prefix_hit_tokens", "Prompt tokens found in the prefix cache"),
+            (
+                "kvrelay_worker_preemptions",
+                "preemptions",
+                "Running requests preempted for KV blocks (recomputed later)",
+            ),
+            ("kvrelay_worker_aborts", "aborts", "Requests stopped before they finished (client gone, failed pull)"),
+            ("kvrelay_worker_kv_lease_expiries", "lease_expiries", "Pinned prefill KV freed because its lease ran out"),
+        ):
+            counter = CounterMetricFamily(name, doc, labels=["role"])
+            counter.add_metric([self.role], s[key])
+            yield counter
 
 
-def serve_metrics(engine: LLMEngine, role: str, host: str, port: int) -> None:
+def serve_metrics(engine: LLMEngine, role: str, worker_id: str, host: str, port: int) -> None:
+    INFO.labels(worker_id, role, engine.layout.model_id, kvrelay_version()).set(1)
     REGISTRY.register(EngineCollector(engine, role))
     start_http_server(port, addr=host)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.lifecycle import Lifecycle
-from gateway.metrics import REQUESTS
+from gateway.metrics import HTTP_REQUESTS
 
 _GENERATION_PREFIX = "/v1/"
 
@@ -35,4 +35,4 @@ class RequestAccounting:
         finally:
             self.lifecycle.active -= generation
             route = scope.get("route")
-            REQUESTS.labels(getattr(route, "path", "unmatched"), str(status)).inc()
+            HTTP_REQUESTS.labels(getattr(route, "path", "unmatched"), str(status)).inc()

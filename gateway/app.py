@@ -19,7 +19,7 @@ from common.model_source import resolve_model
 from common.rpc.channels import ChannelPool
 from common.settings import GatewaySettings
 from common.tokenizer import Tokenizer
-from common.tracing.setup import init_tracing, shutdown_tracing
+from common.tracing.setup import init_tracing, kvrelay_version, shutdown_tracing
 from gateway.accounting import RequestAccounting
 from gateway.admission import PRIORITIES, Admission
 from gateway.body_limit import BodyLimitMiddleware
@@ -30,7 +30,8 @@ from gateway.http_limits import WriteTimeoutMiddleware
 from gateway.kv_event_stream import RedisKVEventWatcher
 from gateway.kv_events import KVEventWatcher
 from gateway.lifecycle import Lifecycle
-from gateway.metrics import WORKERS_UP
+from gateway.metrics import INFO, WORKERS_UP
+from gateway.observer import RequestObserver
 from gateway.orchestrator import Orchestrator
 from gateway.prepare import Prepared, Preparer, parse_body
 from gateway.registry import WorkerRegistry
@@ -40,14 +41,14 @@ from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.scheduler import Scheduler
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.supervisor import Supervisor
-from gateway.tracing import TracingMiddleware
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
-    init_tracing("kvrelay-gateway", settings.tracing)
     source = resolve_model(settings.model)
     tokenizer = Tokenizer.from_source(source)
     model_name = settings.served_model_name or source.model_id
+    init_tracing("kvrelay-gateway", settings.tracing, attributes={"kvrelay.model": model_name}, edge=True)
+    INFO.labels(model_name, kvrelay_version()).set(1)
     max_model_len = settings.max_model_len or min(context_length(source), 8192)
     channels = ChannelPool()
     index = PrefixIndex()
@@ -95,7 +96,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(RequestAccounting, lifecycle=lifecycle)
     app.add_middleware(WriteTimeoutMiddleware, write_timeout_s=settings.write_timeout_s)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(TracingMiddleware)  # added last: outermost, so its span covers everything
+    app.add_middleware(RequestObserver)  # added last: outermost, so its span covers everything
 
     async def generate(
         request: Request, shape: Shape, request_id: str, prep: Prepared, priority: str | None
@@ -104,6 +105,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         try:
             return await responder.respond(shape, request_id, prep, request)
         except ClientGoneError:
+            request.state.record.cancel()
             return Response(status_code=499)  # nobody reads it: the client has gone
 
     @app.post("/v1/chat/completions")

@@ -75,7 +75,14 @@ def from_grpc(err: grpc.aio.AioRpcError, worker: str, stage: str) -> WorkerFailu
     return e
 
 
+def _record_failure(request: Request, status: int, code: str | None, message: str) -> None:
+    record = getattr(request.state, "record", None)  # set on generation requests (gateway/observer.py)
+    if record is not None:
+        record.fail(status, code, message)
+
+
 async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
+    _record_failure(request, exc.status, exc.code or exc.type, exc.message)
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
@@ -91,10 +98,12 @@ async def http_error_handler(request: Request, exc: StarletteHTTPException) -> J
         "invalid_request_error",
         code=_HTTP_CODES.get(exc.status_code),
     ).body()
+    _record_failure(request, exc.status_code, body["error"]["code"] or body["error"]["type"], body["error"]["message"])
     return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error serving %s", request.url.path)
     body = APIError(500, "internal error in the gateway; see its log", "server_error", code="internal_error").body()
+    _record_failure(request, 500, "internal_error", type(exc).__name__)
     return JSONResponse(body, status_code=500)

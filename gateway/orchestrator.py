@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -170,7 +170,7 @@ class Orchestrator:
             call = stub.Generate(
                 decode_pb2.GenerateRequest(request_id=request_id, token_ids=prompt_ids, params=params_to_proto(params)),
                 timeout=self.settings.request_timeout_s,
-                metadata=outgoing_metadata(),
+                metadata=outgoing_metadata(span),
             )
             async for delta in self._stream(call, route.decode, "decode", params, span, charge):
                 yield delta
@@ -186,7 +186,7 @@ class Orchestrator:
                 resp = await prefill.Prefill(
                     prefill_pb2.PrefillRequest(request_id=request_id, token_ids=prompt_ids, params=wire),
                     timeout=self.settings.prefill_timeout_s,
-                    metadata=outgoing_metadata(),
+                    metadata=outgoing_metadata(span),
                 )
             except grpc.aio.AioRpcError as e:
                 span.set_status(Status(StatusCode.ERROR, e.code().name))
@@ -222,7 +222,7 @@ class Orchestrator:
                         transfer=self.settings.transfer,
                     ),
                     timeout=self.settings.request_timeout_s,
-                    metadata=outgoing_metadata(),
+                    metadata=outgoing_metadata(span),
                 )
                 try:
                     async for delta in self._stream(call, route.decode, "decode", params, span, charge):
@@ -308,13 +308,31 @@ class Orchestrator:
         task.add_done_callback(self._background.discard)
 
 
-def _client_span(stage: str, address: str) -> contextlib.AbstractContextManager[trace.Span]:
-    return _tracer.start_as_current_span(
+@contextlib.contextmanager
+def _client_span(stage: str, address: str) -> Iterator[trace.Span]:
+    """A CLIENT span for one call to a worker, child of the current span but never made current
+    itself: it lives in an async generator, whose steps run in different tasks (the first token is
+    awaited in one, the stream is sent in another), and a context attached in one task cannot be
+    detached in another. Calls carry it explicitly (`outgoing_metadata(span)`)."""
+    host, _, port = address.rpartition(":")
+    span = _tracer.start_span(
         stage,
         kind=SpanKind.CLIENT,
-        attributes={"rpc.system": "grpc", "server.address": address, "kvrelay.stage": stage},
-        record_exception=False,
+        attributes={
+            "rpc.system": "grpc",
+            "server.address": host or address,
+            "server.port": int(port) if port.isdigit() else 0,
+            "kvrelay.stage": stage,
+        },
     )
+    try:
+        yield span
+    except Exception as e:
+        if span.is_recording() and span.status.status_code is StatusCode.UNSET:  # type: ignore[attr-defined]
+            span.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"))
+        raise
+    finally:
+        span.end()
 
 
 def _scores(scored: list[ScoredCandidate]) -> tuple[str, ...]:

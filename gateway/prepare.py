@@ -29,6 +29,8 @@ class Prepared:
     include_usage: bool
     return_token_ids: bool = False
     priority: str = "interactive"  # "interactive" | "batch"
+    # The input as GenAI messages ({"role", "content"}), recorded in spans only when content capture is on.
+    input_messages: list[dict] | None = None
 
 
 async def parse_body(request: Request, model: type[M]) -> M:
@@ -75,7 +77,9 @@ class Preparer:
             raise bad_request(str(e), "messages") from e
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        return self._finish(body, ids, max_tokens, "messages", param)
+        prep = self._finish(body, ids, max_tokens, "messages", param)
+        prep.input_messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        return prep
 
     def completion(self, body: CompletionRequest) -> Prepared:
         self._common(body)
@@ -90,7 +94,10 @@ class Preparer:
             ids = list(prompt)
             if any(not 0 <= t < self.tokenizer.vocab_size for t in ids):
                 raise bad_request(f"prompt token ids must be in [0, {self.tokenizer.vocab_size})", "prompt")
-        return self._finish(body, ids, body.max_tokens, "prompt", "max_tokens")
+        prep = self._finish(body, ids, body.max_tokens, "prompt", "max_tokens")
+        if isinstance(prompt, str):
+            prep.input_messages = [{"role": "user", "content": prompt}]
+        return prep
 
     def _common(self, body: ChatCompletionRequest | CompletionRequest) -> None:
         if body.model not in self.model_names:

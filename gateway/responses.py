@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
 from starlette.requests import Request
 
 from common.tracing.setup import capture_content
@@ -25,10 +24,12 @@ from gateway.admission import Admission
 from gateway.client_gone import unless_client_leaves
 from gateway.detokenizer import StreamDetokenizer
 from gateway.errors import APIError
-from gateway.metrics import E2E, OUTPUT_TOKENS, PROMPT_TOKENS, REJECTED, ROUTED, RUNNING, TPOT, TTFT
+from gateway.metrics import E2E, OUTPUT_TOKENS, PROMPT_TOKENS, REJECTED, ROUTED, RUNNING, TOKEN_GAP, TPOT, TTFT
 from gateway.orchestrator import Delta
 from gateway.prepare import Prepared
+from gateway.request_record import RequestRecord
 from gateway.supervisor import Outcome, Supervisor
+from gateway.token_gaps import TokenGaps
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +78,19 @@ class Responder:
         self.admission = admission
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.gaps = TokenGaps()
+        TOKEN_GAP.set_function(self.gaps.max_gap)
 
     async def respond(
         self, shape: Shape, request_id: str, prep: Prepared, request: Request
     ) -> JSONResponse | StreamingResponse:
         span = trace.get_current_span()
+        record = _record_of(request)
+        record.model = self.model_name
         self._trace_request(span, shape, request_id, prep)
         t0 = time.perf_counter()
-        outcome = Outcome()
+        outcome = Outcome(clock=record.clock)
+        outcome.clock.enter("admission")
         # Wait for the first token before answering, so that early failures get a proper HTTP status.
         try:
             with self.admission.ticket(len(prep.prompt_ids), prep.priority):
@@ -109,11 +115,15 @@ class Responder:
         }
         if prep.stream:
             return StreamingResponse(
-                self._sse(shape, request_id, prep, first, deltas, span), media_type="text/event-stream", headers=headers
+                self._sse(shape, request_id, prep, first, deltas, span, record),
+                media_type="text/event-stream",
+                headers=headers,
             )
         ids, last = await unless_client_leaves(_collect(first, deltas), request)
         detok = StreamDetokenizer(self.tokenizer, prep.params.stop)
         text = detok.push(ids) + detok.finish(last.text)
+        self._trace_output(span, text, last.finish_reason)
+        record.succeed(last.finish_reason)
         body = {
             "id": request_id,
             "object": shape.object,
@@ -134,6 +144,7 @@ class Responder:
         first: Delta,
         rest: AsyncIterator[Delta],
         span: trace.Span,
+        record: RequestRecord,
     ) -> AsyncIterator[str]:
         created = int(time.time())
         detok = StreamDetokenizer(self.tokenizer, prep.params.stop)
@@ -153,6 +164,7 @@ class Responder:
         if shape.kind == "chat":
             yield event([shape.chunk_choice("", None, first=True)])
         last = first
+        sent = [] if capture_content() else None
         try:
             async with aclosing(rest):
                 async for d in _achain(first, rest):
@@ -160,6 +172,8 @@ class Responder:
                     text = detok.push(d.token_ids)
                     if d.finished:
                         text += detok.finish(d.text)
+                    if sent is not None:
+                        sent.append(text)
                     if not (d.finished or text or prep.return_token_ids):
                         continue
                     choice = shape.chunk_choice(text, d.finish_reason if d.finished else None, first=False)
@@ -170,9 +184,15 @@ class Responder:
             # The stream cannot be continued (the retry and migration budget is spent): say so in the
             # stream, where the client's SDK raises it, and close without [DONE].
             log.warning("stream %s failed after it started: %s", request_id, e.message)
-            span.set_status(Status(StatusCode.ERROR, e.code or "error"))
+            record.fail(e.status, e.code, e.message)
             yield f"data: {json.dumps(e.body())}\n\n"
             return
+        except BaseException:
+            record.cancel()  # the client left mid-stream (or stopped reading): Starlette closed us
+            raise
+        if sent is not None:
+            self._trace_output(span, "".join(sent), last.finish_reason)
+        record.succeed(last.finish_reason)
         if prep.include_usage:
             yield event([], _usage(last))
         yield "data: [DONE]\n\n"
@@ -182,7 +202,10 @@ class Responder:
         span.set_attributes(
             {
                 "gen_ai.operation.name": "chat" if shape.kind == "chat" else "text_completion",
+                "gen_ai.provider.name": "kvrelay",
                 "gen_ai.request.model": self.model_name,
+                "gen_ai.response.model": self.model_name,
+                "gen_ai.response.id": request_id,
                 "gen_ai.request.max_tokens": p.max_tokens,
                 "gen_ai.request.temperature": p.temperature,
                 "gen_ai.request.top_p": p.top_p,
@@ -193,39 +216,54 @@ class Responder:
             }
         )
         if capture_content():
-            span.set_attribute("gen_ai.prompt", self.tokenizer.decode(prep.prompt_ids))
+            messages = prep.input_messages or [{"role": "user", "content": self.tokenizer.decode(prep.prompt_ids)}]
+            span.set_attribute(
+                "gen_ai.input.messages",
+                json.dumps(
+                    [{"role": m["role"], "parts": [{"type": "text", "content": m["content"]}]} for m in messages]
+                ),
+            )
+
+    @staticmethod
+    def _trace_output(span: trace.Span, text: str, finish_reason: str | None) -> None:
+        if capture_content():
+            message = {"role": "assistant", "parts": [{"type": "text", "content": text}]}
+            span.set_attribute("gen_ai.output.messages", json.dumps([{**message, "finish_reason": finish_reason}]))
 
     async def _timed(
         self, deltas: AsyncIterator[Delta], outcome: Outcome, t0: float, prep: Prepared, span: trace.Span
     ) -> AsyncIterator[Delta]:
         """Metrics and span attributes of one request, as its tokens pass."""
         RUNNING.inc()
+        gap = self.gaps.open()
         first_at = None
         ids: list[int] = []
         last: Delta | None = None
+        model = self.model_name
         try:
             async with aclosing(deltas):
                 async for d in deltas:
+                    self.gaps.tick(gap)
                     if first_at is None:
                         first_at = time.perf_counter()
-                        TTFT.labels(_mode(outcome)).observe(first_at - t0)
+                        TTFT.labels(model, _mode(outcome)).observe(first_at - t0)
                         span.add_event("first_token", {"kvrelay.ttft_seconds": first_at - t0})
                     ids += d.token_ids
                     last = d
                     yield d
+            outcome.clock.enter("respond")
             end = time.perf_counter()
             mode = _mode(outcome)
-            E2E.labels(mode).observe(end - t0)
-            PROMPT_TOKENS.inc(len(prep.prompt_ids))
-            OUTPUT_TOKENS.inc(len(ids))
+            E2E.labels(model, mode).observe(end - t0)
+            PROMPT_TOKENS.labels(model).inc(len(prep.prompt_ids))
+            OUTPUT_TOKENS.labels(model).inc(len(ids))
             tpot = (end - first_at) / (len(ids) - 1) if first_at is not None and len(ids) > 1 else None
             if tpot is not None:
-                TPOT.labels(mode).observe(tpot)
+                TPOT.labels(model, mode).observe(tpot)
             if last is not None:
                 span.set_attributes(_attributes(outcome, last, len(ids), tpot))
-            if capture_content():
-                span.set_attribute("gen_ai.completion", self.tokenizer.decode(ids))
         finally:
+            self.gaps.close(gap)
             RUNNING.dec()
 
 
@@ -241,6 +279,7 @@ def _attributes(outcome: Outcome, last: Delta, output_tokens: int, tpot: float |
         "kvrelay.mode": _mode(outcome),
         "kvrelay.prefix.predicted_cached_tokens": route.predicted_cached_tokens if route else 0,
         "kvrelay.prefix.actual_cached_tokens": last.cached_tokens,
+        "gen_ai.usage.cache_read.input_tokens": last.cached_tokens,
         "kvrelay.tpot_seconds": tpot or 0.0,
         "kvrelay.attempts": outcome.attempts,
         "kvrelay.migrations": len(outcome.migrations),
@@ -248,6 +287,11 @@ def _attributes(outcome: Outcome, last: Delta, output_tokens: int, tpot: float |
     for k, v in outcome.transfer.items():
         attrs[f"kvrelay.transfer.{k}"] = v
     return attrs
+
+
+def _record_of(request: Request) -> RequestRecord:
+    record = getattr(request.state, "record", None)
+    return record if record is not None else RequestRecord()  # outside the observer (unit tests)
 
 
 async def _collect(first: Delta, rest: AsyncIterator[Delta]) -> tuple[list[int], Delta]:

@@ -32,6 +32,7 @@ from gateway.errors import APIError, WorkerFailure
 from gateway.metrics import MIGRATIONS, PREFIX_TOKENS, RETRIES
 from gateway.orchestrator import Delta, Orchestrator, Route
 from gateway.registry import WorkerRegistry
+from gateway.request_record import PhaseClock
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Outcome:
     retries: list[str] = field(default_factory=list)  # reasons
     migrations: list[str] = field(default_factory=list)
     transfer: dict = field(default_factory=dict)  # the last KV transfer's figures
+    clock: PhaseClock = field(default_factory=PhaseClock)  # the request's phases (gateway/request_record.py)
 
 
 class Supervisor:
@@ -69,7 +71,9 @@ class Supervisor:
             remaining = dataclasses.replace(
                 params, max_tokens=params.max_tokens - len(sent), prior_output_tokens=len(sent)
             )
+            outcome.clock.enter("schedule")
             route = self._route(prompt_ids + sent, avoid)
+            outcome.clock.enter("prefill")  # to this attempt's first token (a local prefill, or the prefill worker)
             outcome.route = route
             outcome.first_route = outcome.first_route or route
             outcome.attempts += 1
@@ -77,6 +81,8 @@ class Supervisor:
                 deltas = self.orchestrator.attempt(attempt_id, prompt_ids + sent, remaining, route)
                 async with aclosing(deltas):
                     async for d in deltas:
+                        if outcome.clock.current == "prefill":
+                            outcome.clock.enter("decode")
                         if cached is None:
                             cached = d.cached_tokens
                             PREFIX_TOKENS.labels("predicted").inc(route.predicted_cached_tokens)

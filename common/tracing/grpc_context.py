@@ -13,10 +13,11 @@ _tracer = trace.get_tracer("kvrelay.grpc")
 UNTRACED_SERVICES = ("kvrelay.v1.WorkerService/",)  # health polls and event streams: noise
 
 
-def outgoing_metadata() -> tuple[tuple[str, str], ...]:
-    """The current trace context as gRPC metadata (empty outside a sampled span)."""
+def outgoing_metadata(span: trace.Span | None = None) -> tuple[tuple[str, str], ...]:
+    """The trace context as gRPC metadata: of `span` when given (a span that is not the current one,
+    as in an async generator, which must not attach a context across its yields), else the current one."""
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    propagate.inject(carrier, context=trace.set_span_in_context(span) if span is not None else None)
     return tuple(carrier.items())
 
 

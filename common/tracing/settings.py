@@ -24,3 +24,10 @@ class TracingSettings(BaseModel):
     )
     otlp_protocol: Literal["grpc", "http"] = "grpc"
     capture_content: bool = Field(False, description="record prompt and completion text in spans (off: privacy)")
+    trust_client_sampling: bool = Field(
+        False, description="obey the sampled flag of a client's traceparent (off: the gateway decides by ratio)"
+    )
+    keep_errors_and_slow: bool = Field(
+        True, description="below ratio 1, still export the gateway's spans of failed and slow requests"
+    )
+    slow_request_s: float = Field(10.0, gt=0, description="a request this long counts as slow for keep_errors_and_slow")

@@ -1,37 +1,87 @@
-"""Set up OpenTelemetry for one process: its service name, a parent-based ratio sampler, W3C
-trace-context propagation, and an exporter (OTLP when an endpoint is configured, else JSON lines)."""
+"""Set up OpenTelemetry for one process: its identity (resource), a sampler, W3C trace-context
+propagation, and an exporter (OTLP when an endpoint is configured, else JSON lines).
+
+The standard variables are honoured: `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` override
+the resource kvrelay builds (service.name, service.instance.id = the worker id, service.version),
+and `OTEL_TRACES_SAMPLER` (with `OTEL_TRACES_SAMPLER_ARG`) replaces kvrelay's sampler.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+from importlib.metadata import PackageNotFoundError, version
 
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, TraceIdRatioBased
 
+from common.tracing.dropped import CountingBatchProcessor
 from common.tracing.jsonl import JsonlSpanExporter
+from common.tracing.sampling import EdgeSampler
 from common.tracing.settings import TracingSettings
+from common.tracing.tail import TailKeeper
 
 log = logging.getLogger(__name__)
 _provider: TracerProvider | None = None
 _capture_content = False
 
 
-def init_tracing(service: str, settings: TracingSettings) -> None:
-    """Idempotent per process. With tracing disabled, spans are non-recording and cost next to nothing."""
+def kvrelay_version() -> str:
+    try:
+        return version("kvrelay")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def init_tracing(
+    service: str,
+    settings: TracingSettings,
+    instance_id: str | None = None,
+    attributes: dict | None = None,
+    edge: bool = False,
+) -> None:
+    """Idempotent per process. With tracing disabled, spans are non-recording and cost next to nothing.
+    `edge`: this process is where requests enter (the gateway), so it makes the sampling decision."""
     global _provider, _capture_content
     if _provider is not None:
         return
     _capture_content = settings.enabled and settings.capture_content
-    sampler = ParentBased(TraceIdRatioBased(settings.sample_ratio)) if settings.enabled else ALWAYS_OFF
-    _provider = TracerProvider(sampler=sampler, resource=Resource.create({"service.name": service}))
+    resource = _resource(service, instance_id, attributes or {})
+    tail = edge and settings.enabled and settings.keep_errors_and_slow and settings.sample_ratio < 1.0
+    _provider = TracerProvider(sampler=_sampler(settings, edge, tail), resource=resource)
     if settings.enabled:
-        exporter = _exporter(service, settings)
-        _provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
+        exported = resource.attributes.get("service.name", service)
+        processor: SpanProcessor = CountingBatchProcessor(_exporter(str(exported), settings), 1000)
+        if tail:
+            processor = TailKeeper(processor, settings.slow_request_s)
+        _provider.add_span_processor(processor)
     trace.set_tracer_provider(_provider)
+
+
+def _resource(service: str, instance_id: str | None, attributes: dict) -> Resource:
+    ours = {
+        "service.name": service,
+        "service.namespace": "kvrelay",
+        "service.version": kvrelay_version(),
+        "service.instance.id": instance_id or f"{socket.gethostname()}-{os.getpid()}",
+        **attributes,
+    }
+    # The environment wins: an operator's OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES are the truth.
+    return Resource.create(ours).merge(OTELResourceDetector().detect())
+
+
+def _sampler(settings: TracingSettings, edge: bool, tail: bool) -> Sampler | None:
+    if not settings.enabled:
+        return ALWAYS_OFF
+    if os.environ.get("OTEL_TRACES_SAMPLER"):
+        return None  # the SDK builds the one the environment names
+    if edge:
+        return EdgeSampler(settings.sample_ratio, settings.trust_client_sampling, record_unsampled=tail)
+    return ParentBased(TraceIdRatioBased(settings.sample_ratio))
 
 
 def _exporter(service: str, settings: TracingSettings) -> SpanExporter:

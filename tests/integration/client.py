@@ -35,3 +35,15 @@ async def chat_token_ids(
                 for c in json.loads(line[6:])["choices"]:
                     ids += c.get("token_ids", [])
         return ids, r.headers["x-kvrelay-mode"]
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels`, from a /metrics page (0 if none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total

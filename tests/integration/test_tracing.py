@@ -80,7 +80,23 @@ def check_disaggregated_trace(spans: list[dict], backend: str) -> None:
     assert by_name[pulled]["parent_id"] == transfer["span_id"]
     sched = by_name["schedule"]["attributes"]
     assert sched["kvrelay.schedule.mode"] == "disaggregated" and sched["kvrelay.schedule.prefill_candidates"]
-    assert "kvrelay.queue_seconds" in by_name["PrefillService/Prefill"]["attributes"]
+    assert transfer["kind"] == "client"  # the decode -> prefill edge of a service graph
+    assert root["attributes"]["kvrelay.outcome"] == "ok"
+    # every second attributed: each service's phases add up to its span
+    for name, phases in (
+        ("PrefillService/Prefill", {"queue", "prefill", "export"}),
+        ("DecodeService/Decode", {"queue", "transfer", "decode_queue", "decode"}),
+        ("POST /v1/chat/completions", {"tokenize", "admission", "schedule", "prefill", "decode", "respond"}),
+    ):
+        span = by_name[name]
+        got = {
+            k[len("kvrelay.phase.") : -len("_seconds")]: v
+            for k, v in span["attributes"].items()
+            if k.startswith("kvrelay.phase.")
+        }
+        assert set(got) == phases, (name, got)
+        duration = span["end"] - span["start"]
+        assert abs(sum(got.values()) - duration) <= max(0.05 * duration, 0.002), (name, got, duration)
 
 
 def read_text(path: str) -> str:
@@ -146,5 +162,8 @@ def test_prompt_text_only_with_the_opt_in(cluster_factory, tiny_dir, tmp_path, s
     r = chat(run.url, MARKER, stream=stream)
     spans = spans_of(os.path.join(tmp_path, "traces"), r.headers["x-trace-id"])
     root = assert_one_tree(spans)
-    assert MARKER in root["attributes"]["gen_ai.prompt"]
-    assert root["attributes"]["gen_ai.completion"]
+    messages = json.loads(root["attributes"]["gen_ai.input.messages"])
+    assert messages[-1]["role"] == "user" and messages[-1]["parts"][0]["content"] == MARKER
+    answer = json.loads(root["attributes"]["gen_ai.output.messages"])
+    assert answer[0]["role"] == "assistant" and answer[0]["parts"][0]["content"]
+    assert "gen_ai.prompt" not in root["attributes"]  # the deprecated attribute is gone

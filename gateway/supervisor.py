@@ -66,13 +66,26 @@ class Supervisor:
         sent: list[int] = []  # tokens already yielded to the client
         cached: int | None = None
         avoid: set[str] = set()
+        failure: WorkerFailure | None = None  # the last one, when retrying or migrating
         while True:
             attempt_id = request_id if outcome.attempts == 0 else f"{request_id}~{outcome.attempts}"
             remaining = dataclasses.replace(
                 params, max_tokens=params.max_tokens - len(sent), prior_output_tokens=len(sent)
             )
             outcome.clock.enter("schedule")
-            route = self._route(prompt_ids + sent, avoid)
+            try:
+                route = self._route(prompt_ids + sent, avoid)
+            except APIError as e:
+                if failure is None:
+                    raise
+                # What ended the request is the worker that failed it; nowhere to go is the detail.
+                raise WorkerFailure(
+                    failure.status,
+                    f"{failure.message}; no other worker could take the request over ({e.message})",
+                    failure.worker,
+                    failure.stage,
+                    failure.code or "worker_lost",
+                ) from e
             outcome.clock.enter("prefill")  # to this attempt's first token (a local prefill, or the prefill worker)
             outcome.route = route
             outcome.first_route = outcome.first_route or route
@@ -99,6 +112,7 @@ class Supervisor:
                 if e.code in _WORKER_GONE:
                     self.registry.mark_down(e.worker, e.message)
                 avoid.add(e.worker)
+                failure = e
                 self._record(span, outcome, e, len(sent))
 
     def _route(self, prompt_ids: list[int], avoid: set[str]) -> Route:

@@ -12,7 +12,7 @@ import signal
 import httpx
 import pytest
 
-from tests.integration.client import model_id
+from tests.integration.client import metric, model_id
 from tests.integration.conftest import assert_workers_clean
 from tests.waiting import wait_for
 
@@ -110,6 +110,10 @@ def test_a_stream_with_no_worker_left_ends_with_an_error_event(cluster_factory, 
     got = asyncio.run(_stream(c.url, kill_the_only_decode_worker))
     assert got["error"] is not None and got["error"]["type"] == "server_error", got
     assert not got["done"] and got["finish"] is None
+    # counted as lost, not as a success
+    lost = {"outcome": "worker_lost", "finish_reason": "error"}
+    wait_for(lambda: metric(c.url, "kvrelay_gateway_requests_total", **lost) == 1, 10, "the request counted as lost")
+    assert metric(c.url, "kvrelay_gateway_requests_total", outcome="ok") == 0
     asyncio.run(assert_workers_clean(c.prefill, wait_s=10))
 
 

@@ -117,3 +117,23 @@ def test_avoiding_is_a_preference_when_no_other_worker_is_left():
         return [d async for d in sup.serve("r", [5], SamplingParams.create(max_tokens=2), outcome)]
 
     assert [t for d in asyncio.run(run()) for t in d.token_ids] == [1, 2]
+
+
+def test_nowhere_to_go_after_a_failure_reports_the_failure_not_the_routing():
+    class _NoneLeft(_Scripted):
+        calls = 0
+
+        def route(self, prompt_ids, avoid=frozenset()):  # noqa: ANN001, ANN201
+            self.calls += 1
+            if self.calls > 1:
+                raise APIError(503, "no decode worker can take the request", "server_error", code="no_workers")
+            return super().route(prompt_ids, avoid)
+
+    sup = Supervisor(_NoneLeft([[Delta([1]), _fail("worker_lost")]]), _Registry(), MigrationSettings())  # type: ignore[arg-type]
+
+    async def run() -> list[Delta]:
+        return [d async for d in sup.serve("r", [5], SamplingParams.create(max_tokens=4), Outcome())]
+
+    with pytest.raises(WorkerFailure) as e:
+        asyncio.run(run())
+    assert e.value.code == "worker_lost" and "no other worker" in e.value.message

@@ -52,6 +52,12 @@ class Tokenizer:
         self.bos_token = bos_token
         self.add_bos = add_bos
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        # Message content is text: a control token's spelling in it (a forged "<|im_start|>system")
+        # must be encoded as the characters it is made of, so content goes through a copy that
+        # does not parse special tokens. Only the template's own markup yields control tokens.
+        self._specials = tuple(t.content for t in tok.get_added_tokens_decoder().values() if t.special)
+        self._as_text = HFTokenizer.from_str(tok.to_str())
+        self._as_text.encode_special_tokens = True
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -144,7 +150,20 @@ class Tokenizer:
         )
 
     def encode_chat(self, messages: Sequence[ChatMessage | dict[str, str]]) -> list[int]:
-        return self._tok.encode(self.render_chat(messages), add_special_tokens=False).ids
+        msgs = [m if isinstance(m, dict) else {"role": m.role, "content": m.content} for m in messages]
+        if not any(sp in m["content"] for m in msgs for sp in self._specials):
+            return self._tok.encode(self.render_chat(msgs), add_special_tokens=False).ids
+        # Render with a placeholder per message (NUL is refused in requests, so none can collide),
+        # then encode the template's pieces with control tokens and the contents as plain text.
+        marks = [f"\x00{i}\x00" for i in range(len(msgs))]
+        rendered = self.render_chat([{**m, "content": mark} for m, mark in zip(msgs, marks, strict=True)])
+        ids: list[int] = []
+        for i, piece in enumerate(rendered.split("\x00")):
+            if i % 2 == 0:
+                ids += self._tok.encode(piece, add_special_tokens=False).ids if piece else []
+            else:
+                ids += self._as_text.encode(msgs[int(piece)]["content"], add_special_tokens=False).ids
+        return ids
 
 
 def _jinja_env() -> ImmutableSandboxedEnvironment:

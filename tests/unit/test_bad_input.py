@@ -76,3 +76,19 @@ def test_directory_without_safetensors(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match=r"\*\.safetensors"):
         resolve_model(tmp_path)
+
+
+@pytest.mark.parametrize("first_token", [-1, 256, 2**40])
+def test_an_imported_first_token_outside_the_vocabulary_fails_alone(first_token):
+    """A decode request naming a first token the model does not have is refused before it joins
+    the batch, so the requests already running keep going."""
+    engine = tiny_engine()
+    engine.add_request("ok", [1, 2, 3], greedy(4))
+    with pytest.raises(InvalidRequestError, match=r"\[0, 256\)") as err:
+        engine.begin_import("bad", [4, 5, 6], first_token, greedy(4))
+    assert err.value.param == "first_token"
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert [o.finish_reason for o in outs if o.finished] == ["length"]
+    assert_no_leaks(engine)

@@ -147,7 +147,9 @@ class LLMEngine:
         self._validate(request_id, prompt_token_ids, params)
         vocab = self.runner.model.config.vocab_size
         if not 0 <= first_token < vocab:  # would fail the step, and every request batched with it
-            raise InvalidRequestError(f"first_token {first_token} is outside the vocabulary [0, {vocab})", "first_token")
+            raise InvalidRequestError(
+                f"first_token {first_token} is outside the vocabulary [0, {vocab})", "first_token"
+            )
         seq = Sequence(request_id, list(prompt_token_ids), params)
         if self.blocks.blocks_for(len(prompt_token_ids)) > self.blocks.num_free_blocks:
             raise MemoryError(

@@ -62,7 +62,7 @@ class ChaosCluster:
             for _ in range(n):
                 self.add_worker(role)
         port = free_port()
-        self.url = self.cluster.gateway(port, [], [], self.model, "grpc", ["--registry", self.redis_url])
+        self.url = self.cluster.gateway(port, [], [], self.model, ["--registry", self.redis_url])
         asyncio.run(self.wait_healthy(timeout))
         return self.url
 

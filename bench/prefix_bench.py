@@ -129,9 +129,7 @@ def run_prefix_bench(
                 cache = ["--kv-cache-mb", str(kv_cache_mb)] if kv_cache_mb else []
                 p = [cluster.worker("prefill", free_port(), 1, model, cache) for _ in range(prefill)]
                 d = [cluster.worker("decode", free_port(), 1, model) for _ in range(decode)]
-                url = cluster.gateway(
-                    free_port(), p, d, model, "grpc", ["--scheduler-config", _policy_yaml(policy, logs)]
-                )
+                url = cluster.gateway(free_port(), p, d, model, ["--scheduler-config", _policy_yaml(policy, logs)])
                 cluster.wait_ready(url, timeout=300, want_mode="disaggregated")
                 time.sleep(2.0)  # let the gateway's KV event streams attach
                 results = asyncio.run(_replay(url, requests, rate, seed, policy))

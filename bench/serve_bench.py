@@ -49,12 +49,12 @@ def _start(mode: str, model: str | None, log_dir: str, env: dict[str, str]) -> t
     try:
         if mode == "colocated":
             d = [cluster.worker("decode", free_port(), cores, model)]
-            url = cluster.gateway(free_port(), [], d, model, "grpc")
+            url = cluster.gateway(free_port(), [], d, model)
         else:
             plan = divide_cores(cores, 1, 1)
             p = [cluster.worker("prefill", free_port(), plan.prefill_threads, model)]
             d = [cluster.worker("decode", free_port(), plan.decode_threads, model)]
-            url = cluster.gateway(free_port(), p, d, model, "grpc")
+            url = cluster.gateway(free_port(), p, d, model)
         cluster.wait_ready(url, timeout=300, want_mode=mode)
     except BaseException:
         cluster.stop()

@@ -23,8 +23,9 @@ from common.rpc import prefill_pb2, prefill_pb2_grpc, worker_pb2, worker_pb2_grp
 from common.rpc.channels import ChannelPool
 from common.rpc.convert import layout_from_proto, params_to_proto
 from kvrelay.launcher import Cluster, free_port
-from kvtransfer.base import KVTransferClient, make_client, release
+from kvtransfer.base import KVTransferClient, make_client
 from kvtransfer.nixl_backend import nixl_available
+from kvtransfer.release import release
 
 
 def _copy_gbps(nbytes: int, repeats: int) -> float:
@@ -40,9 +41,11 @@ def _copy_gbps(nbytes: int, repeats: int) -> float:
 
 
 async def _run(model: str | None, sizes_mb: list[int], repeats: int, prompt_len: int, log_dir: str) -> dict:
-    cluster = Cluster(log_dir=log_dir)
+    # Repeated pulls of one handle: a lease (and handle) long enough for all of them.
+    cluster = Cluster(log_dir=log_dir, env={"KVRELAY_ENGINE__LEASE_SECONDS": "600"})
     port = free_port()
-    address = cluster.worker("prefill", port, 1, model, ["--kv-cache-mb", "512"])
+    serve = ["--transfer", "nixl"] if nixl_available() else []
+    address = cluster.worker("prefill", port, 1, model, ["--kv-cache-mb", "512", *serve])
     channels = ChannelPool()
     try:
         stats = await _wait_for_worker(channels, address, cluster)

@@ -33,3 +33,7 @@ class UnknownRequestError(KVRelayError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "unknown request"
+
+
+class PermissionDeniedError(KVRelayError):
+    """A caller presented a credential that does not hold: a forged, altered or expired KV handle."""

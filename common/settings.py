@@ -31,7 +31,21 @@ class WorkerSettings(BaseSettings):
     advertise_host: str | None = Field(None, description="address other services use to reach this worker")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="default: port + 1000")
     worker_id: str | None = None
-    transfer: Transfer = Field("grpc", description="decode: how KV is pulled from prefill workers")
+    transfer: Transfer = Field(
+        "grpc",
+        description="decode: how KV is pulled from prefill workers; prefill: 'nixl' also serves NIXL (a UCX agent "
+        "exists only then), 'grpc' serves gRPC pulls only",
+    )
+    kv_handle_secret_file: str | None = Field(
+        None,
+        description="file holding the key that signs KV handles, shared by the deployment's workers (a mounted "
+        "secret); default: each prefill worker signs with a random key of its own and checks its handles itself",
+    )
+    prefill_peers: list[str] = Field(
+        default_factory=list,
+        description="decode: prefill worker addresses it may pull KV from (besides registered ones); with none "
+        "and no registry or shared key, only loopback addresses",
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     registry: str | None = Field(None, description="redis:// URL of the worker registry; unset: not registered")
     registry_prefix: str = Field("kvrelay", min_length=1, description="key prefix shared by one deployment")
@@ -52,6 +66,15 @@ class WorkerSettings(BaseSettings):
                 f"heartbeat_s ({self.heartbeat_s}) must be shorter than registry_ttl_s ({self.registry_ttl_s})"
             )
         return self
+
+    def handle_secret(self) -> bytes | None:
+        """The shared KV-handle key, read from its file (surrounding whitespace dropped)."""
+        if self.kv_handle_secret_file is None:
+            return None
+        secret = Path(self.kv_handle_secret_file).read_bytes().strip()
+        if len(secret) < 16:
+            raise ValueError(f"the KV handle key in {self.kv_handle_secret_file} is shorter than 16 bytes")
+        return secret
 
     @property
     def address(self) -> str:
@@ -103,7 +126,6 @@ class GatewaySettings(BaseSettings):
     served_model_name: str | None = Field(None, description="name clients use; default: the model file's stem")
     prefill: list[str] = Field(default_factory=list, description="prefill worker addresses host:port")
     decode: list[str] = Field(default_factory=list, description="decode worker addresses host:port")
-    transfer: Transfer = "grpc"
     max_model_len: int | None = Field(None, gt=0, description="context window; default: the model's, at most 8192")
     default_max_tokens: int = Field(512, gt=0, description="when a request sets none")
     max_tokens_limit: int = Field(4096, gt=0, description="largest max_tokens a request may ask for")

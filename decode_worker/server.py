@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
+from common.discovery.record import RegistryKeys
+from common.discovery.redis_client import open_redis
 from common.engine.async_engine import AsyncEngine
 from common.rpc import decode_pb2_grpc
 from common.rpc.channels import ChannelPool
@@ -11,24 +15,34 @@ from common.serving.bootstrap import run_worker
 from common.serving.worker_servicer import WorkerIdentity
 from common.settings import WorkerSettings
 from decode_worker.servicer import DecodeServicer
-from kvtransfer.base import KVTransferClient, make_client
+from decode_worker.sources import TrustedSources
+from kvtransfer.base import make_client
+from kvtransfer.handles import HandleSigner
 from kvtransfer.nixl_backend import nixl_available
+
+log = logging.getLogger(__name__)
 
 
 async def serve(settings: WorkerSettings) -> None:
-    backends = ("grpc", "nixl") if nixl_available() else ("grpc",)
-    if settings.transfer not in backends:
-        raise SystemExit(f"transfer backend {settings.transfer!r} is not available; install kvrelay[nixl]")
+    if settings.transfer == "nixl" and not nixl_available():
+        raise SystemExit("transfer backend 'nixl' is not available; install kvrelay[nixl]")
+    secret = settings.handle_secret()
+    registry = open_redis(settings.registry) if settings.registry else None
+    sources = TrustedSources(
+        HandleSigner(secret) if secret else None,
+        settings.prefill_peers,
+        registry,
+        RegistryKeys(settings.registry_prefix),
+    )
+    if not (secret or settings.prefill_peers or registry):
+        log.warning("no shared KV-handle key, prefill peers or registry: KV is pulled from loopback addresses only")
 
     def add(server: grpc.aio.Server, engine: AsyncEngine, identity: WorkerIdentity) -> ChannelPool:
         channels = ChannelPool()
-        cache = engine.engine.cache
-        clients: dict[str, KVTransferClient] = {
-            b: make_client(b, cache, channels, f"{identity.worker_id}-{b}") for b in backends
-        }
-        decode_pb2_grpc.add_DecodeServiceServicer_to_server(
-            DecodeServicer(engine, clients, settings.transfer, channels), server
-        )
+        # One backend, the worker's own setting; a NIXL agent exists only when it is NIXL.
+        client = make_client(settings.transfer, engine.engine.cache, channels, f"{identity.worker_id}-nixl")
+        servicer = DecodeServicer(engine, {settings.transfer: client}, settings.transfer, channels, sources)
+        decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server)
         return channels
 
-    await run_worker(settings, add, backends)
+    await run_worker(settings, add, (settings.transfer,))

@@ -31,7 +31,10 @@ from common.serving.metrics import (
     TTFT,
 )
 from common.serving.phases import PhaseTimer
-from kvtransfer.base import KVTransferClient, TransferResult, release
+from decode_worker.sources import TrustedSources
+from kvtransfer.base import KVTransferClient, TransferResult
+from kvtransfer.handles import check_prompt
+from kvtransfer.release import release
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -47,24 +50,28 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self,
         engine: AsyncEngine,
         transfers: dict[str, KVTransferClient],
-        default_transfer: str,
+        transfer: str,
         channels: ChannelPool,
+        sources: TrustedSources,
         transfer_timeout_s: float = 30.0,
     ) -> None:
         self.engine = engine
         self.transfers = transfers
-        self.default_transfer = default_transfer
+        self.transfer = transfer  # the one backend this worker pulls with (its own setting)
         self.channels = channels
+        self.sources = sources
         self.transfer_timeout_s = transfer_timeout_s
 
     async def Decode(  # noqa: N802
         self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[decode_pb2.TokenChunk]:
         handle = request.handle
-        kind = request.transfer or self.default_transfer
-        client = self.transfers.get(kind)
-        if client is None:
-            raise KVRelayError(f"transfer backend {kind!r} is not available here; have {sorted(self.transfers)}")
+        kind = self.transfer
+        client = self.transfers[kind]
+        # The KV must be this prompt's (no importing it under another prompt's block hashes), and its
+        # source one this worker trusts (never an address a request merely names).
+        check_prompt(handle, request.prompt_token_ids)
+        await self.sources.check(handle)
         try:
             self.engine.engine.layout.check_compatible(layout_from_proto(handle.layout))
         except KVLayoutMismatchError:

@@ -61,6 +61,7 @@ _GRPC_TO_HTTP = {
     grpc.StatusCode.UNAVAILABLE: (503, "server_error", "worker_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error", "timeout"),
     grpc.StatusCode.ABORTED: (502, "server_error", "kv_transfer_failed"),
+    grpc.StatusCode.PERMISSION_DENIED: (502, "server_error", "kv_handle_refused"),
 }
 
 

@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from common.engine.sampling import SamplingParams
 from common.kv.block_hash import block_hashes
-from common.rpc import decode_pb2, decode_pb2_grpc, kv_pb2, kv_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from common.rpc import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc, types_pb2
 from common.rpc.channels import ChannelPool
 from common.rpc.convert import params_to_proto
 from common.settings import GatewaySettings
@@ -31,6 +31,7 @@ from gateway.metrics import CHOSEN, DECISIONS
 from gateway.registry import WorkerRegistry
 from gateway.scheduling.scheduler import NoCandidateError, NoCapacityError, Scheduler
 from gateway.scheduling.types import RequestInfo, ScoredCandidate
+from kvtransfer.release import release
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -219,7 +220,6 @@ class Orchestrator:
                         prompt_token_ids=prompt_ids,
                         first_token=resp.first_token,
                         params=wire,
-                        transfer=self.settings.transfer,
                     ),
                     timeout=self.settings.request_timeout_s,
                     metadata=outgoing_metadata(span),
@@ -237,7 +237,7 @@ class Orchestrator:
             if not released:
                 # Decode failed or the client went away: unpin the prefill KV now, not at lease expiry.
                 # Idempotent: a no-op if the decode worker had already released it.
-                self._spawn(self._release(route.prefill, handle.request_id))
+                self._spawn(self._release(handle))
 
     async def _stream(
         self,
@@ -297,10 +297,9 @@ class Orchestrator:
             if not done:
                 call.cancel()  # the client went away or the worker failed: it aborts and frees the blocks
 
-    async def _release(self, address: str, request_id: str) -> None:
+    async def _release(self, handle: types_pb2.KVHandle) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
-            stub = kv_pb2_grpc.KVServiceStub(self.channels.get(address))
-            await stub.Release(kv_pb2.ReleaseRequest(request_id=request_id), timeout=5.0, metadata=outgoing_metadata())
+            await release(self.channels, handle)
 
     def _spawn(self, coro) -> None:  # noqa: ANN001
         task = asyncio.get_running_loop().create_task(coro)

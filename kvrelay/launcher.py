@@ -144,10 +144,9 @@ class Cluster:
         prefill: list[str],
         decode: list[str],
         model: str | None,
-        transfer: str,
         extra: list[str] | None = None,
     ) -> str:
-        args = ["gateway", "--host", self.host, "--port", str(port), "--transfer", transfer, "--log-level", "warning"]
+        args = ["gateway", "--host", self.host, "--port", str(port), "--log-level", "warning"]
         for a in prefill:
             args += ["--prefill", a]
         for a in decode:
@@ -217,16 +216,18 @@ def up(
     # With a registry, workers announce themselves and the gateway finds them there.
     reg = ["--registry", registry] if registry else []
     try:
-        p_addrs = [cluster.worker("prefill", p, plan.prefill_threads, model, reg) for p in ports.prefill]
-        d_extra = ["--transfer", transfer, *reg]
+        p_extra = ["--transfer", transfer, *reg]  # a NIXL agent only when NIXL is the backend
+        p_addrs = [cluster.worker("prefill", p, plan.prefill_threads, model, p_extra) for p in ports.prefill]
+        # Decode workers pull KV only from the prefill workers they were told of (or registered ones).
+        d_extra = ["--transfer", transfer, *reg, *(f"--prefill-peer={a}" for a in p_addrs)]
         d_addrs = [cluster.worker("decode", p, plan.decode_threads, model, d_extra) for p in ports.decode]
         for role, role_ports in (("prefill", ports.prefill), ("decode", ports.decode)):
             for p in role_ports:
                 print(f"kvrelay up: {role} worker at {host}:{p} (metrics {host}:{p + METRICS_OFFSET})", flush=True)
         if registry:
-            url = cluster.gateway(ports.gateway, [], [], model, transfer, reg)
+            url = cluster.gateway(ports.gateway, [], [], model, reg)
         else:
-            url = cluster.gateway(ports.gateway, p_addrs, d_addrs, model, transfer)
+            url = cluster.gateway(ports.gateway, p_addrs, d_addrs, model)
         want = "disaggregated" if prefill else "colocated"
         deadline = time.monotonic() + 300
         while not stop:

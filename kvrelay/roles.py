@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
         threads: int = typer.Option(None, help="torch threads for this worker"),
         kv_cache_mb: int = typer.Option(None, help="KV cache size"),
         block_size: int = typer.Option(None, help="tokens per KV block (default 16)"),
+        transfer: str = typer.Option(None, help="grpc (default) or nixl: nixl also serves NIXL pulls (a UCX agent)"),
         worker_id: str = typer.Option(None),
         registry: str = REGISTRY,
         config: Path = CONFIG,
@@ -61,6 +62,7 @@ def register(app: typer.Typer) -> None:
             threads=threads,
             kv_cache_mb=kv_cache_mb,
             block_size=block_size,
+            transfer=transfer,
             worker_id=worker_id,
             registry=registry,
         )
@@ -74,6 +76,9 @@ def register(app: typer.Typer) -> None:
         kv_cache_mb: int = typer.Option(None, help="KV cache size"),
         block_size: int = typer.Option(None, help="tokens per KV block (default 16)"),
         transfer: str = typer.Option(None, help="grpc or nixl: how KV is pulled"),
+        prefill_peer: list[str] = typer.Option(
+            None, help="a prefill worker host:port this worker may pull KV from (repeat; registered ones count too)"
+        ),
         worker_id: str = typer.Option(None),
         registry: str = REGISTRY,
         config: Path = CONFIG,
@@ -91,6 +96,7 @@ def register(app: typer.Typer) -> None:
             kv_cache_mb=kv_cache_mb,
             block_size=block_size,
             transfer=transfer,
+            prefill_peers=prefill_peer or None,
             worker_id=worker_id,
             registry=registry,
         )
@@ -102,7 +108,6 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(None, help="model path, for the tokenizer and chat template"),
         prefill: list[str] = typer.Option(None, help="prefill worker address host:port (repeat)"),
         decode: list[str] = typer.Option(None, help="decode worker address host:port (repeat)"),
-        transfer: str = typer.Option(None, help="grpc or nixl"),
         scheduler_config: str = typer.Option(None, help="scheduler YAML: profiles, scorer weights, decider"),
         registry: str = REGISTRY,
         config: Path = CONFIG,
@@ -118,7 +123,6 @@ def register(app: typer.Typer) -> None:
             model=model,
             prefill=prefill or None,
             decode=decode or None,
-            transfer=transfer,
             scheduler_config=scheduler_config,
             registry=registry,
         )

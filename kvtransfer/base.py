@@ -1,8 +1,9 @@
 """The one interface of KV transfer, seen from the decode side.
 
 A client pulls the blocks named by a prefill worker's KVHandle into blocks already reserved in the
-local cache, then the caller releases them on the prefill side. Both backends check the layouts
-before any byte moves; the prefill side checks again.
+local cache, then the caller releases them on the prefill side (`kvtransfer.release`). Both
+backends check the layouts before any byte moves; the source side (`kvtransfer.source`) checks
+the handle and the layout again.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from typing import Protocol
 
 from common.kv.cache import KVCache
 from common.kv.layout import KVLayout
-from common.rpc import kv_pb2, kv_pb2_grpc, types_pb2
+from common.rpc import types_pb2
 from common.rpc.channels import ChannelPool
 from common.rpc.convert import layout_from_proto
-from common.tracing.grpc_context import outgoing_metadata
 
 
 @dataclass(frozen=True)
@@ -42,15 +42,6 @@ def check_handle(local: KVLayout, handle: types_pb2.KVHandle, dst_block_ids: lis
     local.check_compatible(layout_from_proto(handle.layout))
     if len(dst_block_ids) != len(handle.block_ids):
         raise ValueError(f"{len(dst_block_ids)} destination blocks for {len(handle.block_ids)} source blocks")
-
-
-async def release(channels: ChannelPool, handle: types_pb2.KVHandle, timeout: float = 5.0) -> bool:
-    """Unpin the blocks on the prefill side. False if they were no longer pinned (lease expired)."""
-    stub = kv_pb2_grpc.KVServiceStub(channels.get(handle.transfer_endpoint))
-    resp = await stub.Release(
-        kv_pb2.ReleaseRequest(request_id=handle.request_id), timeout=timeout, metadata=outgoing_metadata()
-    )
-    return resp.released
 
 
 def make_client(kind: str, cache: KVCache, channels: ChannelPool, name: str) -> KVTransferClient:

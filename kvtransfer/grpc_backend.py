@@ -78,7 +78,7 @@ class GrpcTransferClient:
         dtype = self.cache.tensor.dtype
         call = stub.PullBlocks(
             kv_pb2.PullBlocksRequest(
-                request_id=handle.request_id,
+                handle=handle,
                 layout=layout_to_proto(layout),
                 blocks_per_chunk=blocks_per_chunk(layout),
                 first_block=first,

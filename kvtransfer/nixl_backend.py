@@ -108,7 +108,7 @@ class NixlTransferClient:
         stub = kv_pb2_grpc.KVServiceStub(self.channels.get(handle.transfer_endpoint))
         resp = await stub.NixlHandshake(
             kv_pb2.NixlHandshakeRequest(
-                request_id=handle.request_id,
+                handle=handle,
                 layout=layout_to_proto(self.cache.layout),
                 agent_name=a.name,
                 agent_metadata=a.agent.get_agent_metadata(),

@@ -9,17 +9,25 @@ from common.rpc import kv_pb2_grpc, prefill_pb2_grpc
 from common.serving.bootstrap import run_worker
 from common.serving.worker_servicer import WorkerIdentity
 from common.settings import WorkerSettings
+from kvtransfer.handles import HandleSigner
 from kvtransfer.nixl_backend import NixlKVServer, nixl_available
-from prefill_worker.servicer import KVServicer, PrefillServicer
+from kvtransfer.service import KVService
+from kvtransfer.source import EngineKVSource
+from prefill_worker.servicer import PrefillServicer
 
 
 async def serve(settings: WorkerSettings) -> None:
-    backends = ("grpc", "nixl") if nixl_available() else ("grpc",)
+    if settings.transfer == "nixl" and not nixl_available():
+        raise SystemExit("transfer backend 'nixl' is not available; install kvrelay[nixl]")
+    # gRPC pulls are always served; NIXL (and its UCX agent, which listens on the network) only on request.
+    backends = ("grpc", "nixl") if settings.transfer == "nixl" else ("grpc",)
+    signer = HandleSigner(settings.handle_secret())
 
     def add(server: grpc.aio.Server, engine: AsyncEngine, identity: WorkerIdentity) -> NixlKVServer | None:
         nixl = NixlKVServer(engine.engine.cache, identity.worker_id) if "nixl" in backends else None
-        prefill_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(engine, identity), server)
-        kv_pb2_grpc.add_KVServiceServicer_to_server(KVServicer(engine, nixl), server)
+        source = EngineKVSource(engine, signer, identity.worker_id, identity.address)
+        prefill_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(engine, source), server)
+        kv_pb2_grpc.add_KVServiceServicer_to_server(KVService(source, engine.engine.cache, nixl), server)
         return nixl
 
     await run_worker(settings, add, backends)

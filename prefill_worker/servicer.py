@@ -1,28 +1,25 @@
-"""The prefill role: PrefillService (run the prompt, pin its blocks) and KVService (hand them over)."""
+"""The prefill role: PrefillService runs the prompt, pins its blocks and answers with a signed
+handle to them (KVService, in kvtransfer/service.py, hands them over)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import grpc
 from opentelemetry import trace
 
 from common.engine.async_engine import AsyncEngine
-from common.errors import InvalidRequestError
-from common.rpc import kv_pb2, kv_pb2_grpc, prefill_pb2, prefill_pb2_grpc, types_pb2
-from common.rpc.convert import layout_from_proto, layout_to_proto, params_from_proto
+from common.rpc import prefill_pb2, prefill_pb2_grpc, types_pb2
+from common.rpc.convert import params_from_proto
 from common.serving.metrics import EXPORT, PREFILL, QUEUE, REQUESTS, TTFT
 from common.serving.phases import PhaseTimer
-from common.serving.worker_servicer import WorkerIdentity
-from kvtransfer.grpc_backend import stream_blocks
-from kvtransfer.nixl_backend import NixlKVServer
+from kvtransfer.source import EngineKVSource
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
-    def __init__(self, engine: AsyncEngine, identity: WorkerIdentity) -> None:
+    def __init__(self, engine: AsyncEngine, source: EngineKVSource) -> None:
         self.engine = engine
-        self.identity = identity
+        self.source = source
 
     async def Prefill(  # noqa: N802
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
@@ -58,62 +55,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             text=out.text or "",
         )
         if out.pinned:
-            export = await self.engine.export_kv(request.request_id)
-            resp.handle.CopyFrom(
-                types_pb2.KVHandle(
-                    worker_id=self.identity.worker_id,
-                    request_id=request.request_id,
-                    block_ids=export.block_ids,
-                    layout=layout_to_proto(export.layout),
-                    transfer_endpoint=self.identity.address,
-                    lease_deadline_unix=time.time() + (export.lease_deadline - time.monotonic()),
-                    num_tokens=export.num_tokens,
-                )
-            )
+            resp.handle.CopyFrom(await self.source.issue(request.request_id, request.token_ids))
         # export: from the token to the reply (the step's other work, delivery, pinning the blocks)
         EXPORT.observe(timer.until("export"))
         timer.record(span)
         return resp
-
-
-class KVServicer(kv_pb2_grpc.KVServiceServicer):
-    def __init__(self, engine: AsyncEngine, nixl: NixlKVServer | None) -> None:
-        self.engine = engine
-        self.nixl = nixl
-
-    async def _pinned_blocks(self, request_id: str, layout: types_pb2.KVLayout) -> list[int]:
-        self.engine.engine.layout.check_compatible(layout_from_proto(layout))
-        export = await self.engine.extend_lease(request_id)
-        return export.block_ids
-
-    async def PullBlocks(  # noqa: N802
-        self, request: kv_pb2.PullBlocksRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[kv_pb2.BlockChunk]:
-        block_ids = await self._pinned_blocks(request.request_id, request.layout)
-        end = request.first_block + request.num_blocks if request.num_blocks else len(block_ids)
-        if request.first_block >= len(block_ids) or end > len(block_ids):
-            raise InvalidRequestError(
-                f"block range [{request.first_block}, {end}) is outside the request's {len(block_ids)} blocks"
-            )
-        async for chunk in stream_blocks(
-            self.engine.engine.cache,
-            block_ids[request.first_block : end],
-            max(1, request.blocks_per_chunk),
-            offset=request.first_block,
-        ):
-            yield chunk
-
-    async def NixlHandshake(  # noqa: N802
-        self, request: kv_pb2.NixlHandshakeRequest, context: grpc.aio.ServicerContext
-    ) -> kv_pb2.NixlHandshakeResponse:
-        if self.nixl is None:
-            raise InvalidRequestError("this prefill worker does not serve NIXL (the nixl package is missing)")
-        block_ids = await self._pinned_blocks(request.request_id, request.layout)
-        return self.nixl.handshake(request.request_id, block_ids, self.engine.engine.config.lease_seconds)
-
-    async def Release(  # noqa: N802
-        self, request: kv_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
-    ) -> kv_pb2.ReleaseResponse:
-        if self.nixl is not None:
-            self.nixl.done(request.request_id)
-        return kv_pb2.ReleaseResponse(released=await self.engine.release(request.request_id))

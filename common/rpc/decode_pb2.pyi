@@ -8,20 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "handle", "prompt_token_ids", "first_token", "params", "transfer")
+    __slots__ = ("request_id", "handle", "prompt_token_ids", "first_token", "params")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
-    TRANSFER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     handle: _types_pb2.KVHandle
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     first_token: int
     params: _types_pb2.SamplingParams
-    transfer: str
-    def __init__(self, request_id: _Optional[str] = ..., handle: _Optional[_Union[_types_pb2.KVHandle, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., params: _Optional[_Union[_types_pb2.SamplingParams, _Mapping]] = ..., transfer: _Optional[str] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., handle: _Optional[_Union[_types_pb2.KVHandle, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., params: _Optional[_Union[_types_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "token_ids", "params")

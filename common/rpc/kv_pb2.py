@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import types_pb2 as kvrelay_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kvrelay/v1/kv.proto\x12\nkvrelay.v1\x1a\x16kvrelay/v1/types.proto\"\x90\x01\n\x11PullBlocksRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x06layout\x18\x02 \x01(\x0b\x32\x14.kvrelay.v1.KVLayout\x12\x18\n\x10\x62locks_per_chunk\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\"C\n\nBlockChunk\x12\x13\n\x0b\x66irst_block\x18\x01 \x01(\r\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"|\n\x14NixlHandshakeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x06layout\x18\x02 \x01(\x0b\x32\x14.kvrelay.v1.KVLayout\x12\x12\n\nagent_name\x18\x03 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x04 \x01(\x0c\"^\n\x15NixlHandshakeResponse\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x02 \x01(\x0c\x12\x19\n\x11\x62lock_descriptors\x18\x03 \x01(\x0c\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xec\x01\n\tKVService\x12\x45\n\nPullBlocks\x12\x1d.kvrelay.v1.PullBlocksRequest\x1a\x16.kvrelay.v1.BlockChunk0\x01\x12T\n\rNixlHandshake\x12 .kvrelay.v1.NixlHandshakeRequest\x1a!.kvrelay.v1.NixlHandshakeResponse\x12\x42\n\x07Release\x12\x1a.kvrelay.v1.ReleaseRequest\x1a\x1b.kvrelay.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kvrelay/v1/kv.proto\x12\nkvrelay.v1\x1a\x16kvrelay/v1/types.proto\"\xa8\x01\n\x11PullBlocksRequest\x12$\n\x06handle\x18\x06 \x01(\x0b\x32\x14.kvrelay.v1.KVHandle\x12$\n\x06layout\x18\x02 \x01(\x0b\x32\x14.kvrelay.v1.KVLayout\x12\x18\n\x10\x62locks_per_chunk\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\rJ\x04\x08\x01\x10\x02\"C\n\nBlockChunk\x12\x13\n\x0b\x66irst_block\x18\x01 \x01(\r\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x94\x01\n\x14NixlHandshakeRequest\x12$\n\x06handle\x18\x05 \x01(\x0b\x32\x14.kvrelay.v1.KVHandle\x12$\n\x06layout\x18\x02 \x01(\x0b\x32\x14.kvrelay.v1.KVLayout\x12\x12\n\nagent_name\x18\x03 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x04 \x01(\x0cJ\x04\x08\x01\x10\x02\"^\n\x15NixlHandshakeResponse\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x02 \x01(\x0c\x12\x19\n\x11\x62lock_descriptors\x18\x03 \x01(\x0c\"<\n\x0eReleaseRequest\x12$\n\x06handle\x18\x02 \x01(\x0b\x32\x14.kvrelay.v1.KVHandleJ\x04\x08\x01\x10\x02\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xec\x01\n\tKVService\x12\x45\n\nPullBlocks\x12\x1d.kvrelay.v1.PullBlocksRequest\x1a\x16.kvrelay.v1.BlockChunk0\x01\x12T\n\rNixlHandshake\x12 .kvrelay.v1.NixlHandshakeRequest\x1a!.kvrelay.v1.NixlHandshakeResponse\x12\x42\n\x07Release\x12\x1a.kvrelay.v1.ReleaseRequest\x1a\x1b.kvrelay.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvrelay.v1.kv_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PULLBLOCKSREQUEST']._serialized_start=60
-  _globals['_PULLBLOCKSREQUEST']._serialized_end=204
-  _globals['_BLOCKCHUNK']._serialized_start=206
-  _globals['_BLOCKCHUNK']._serialized_end=273
-  _globals['_NIXLHANDSHAKEREQUEST']._serialized_start=275
-  _globals['_NIXLHANDSHAKEREQUEST']._serialized_end=399
-  _globals['_NIXLHANDSHAKERESPONSE']._serialized_start=401
-  _globals['_NIXLHANDSHAKERESPONSE']._serialized_end=495
-  _globals['_RELEASEREQUEST']._serialized_start=497
-  _globals['_RELEASEREQUEST']._serialized_end=533
-  _globals['_RELEASERESPONSE']._serialized_start=535
-  _globals['_RELEASERESPONSE']._serialized_end=570
-  _globals['_KVSERVICE']._serialized_start=573
-  _globals['_KVSERVICE']._serialized_end=809
+  _globals['_PULLBLOCKSREQUEST']._serialized_end=228
+  _globals['_BLOCKCHUNK']._serialized_start=230
+  _globals['_BLOCKCHUNK']._serialized_end=297
+  _globals['_NIXLHANDSHAKEREQUEST']._serialized_start=300
+  _globals['_NIXLHANDSHAKEREQUEST']._serialized_end=448
+  _globals['_NIXLHANDSHAKERESPONSE']._serialized_start=450
+  _globals['_NIXLHANDSHAKERESPONSE']._serialized_end=544
+  _globals['_RELEASEREQUEST']._serialized_start=546
+  _globals['_RELEASEREQUEST']._serialized_end=606
+  _globals['_RELEASERESPONSE']._serialized_start=608
+  _globals['_RELEASERESPONSE']._serialized_end=643
+  _globals['_KVSERVICE']._serialized_start=646
+  _globals['_KVSERVICE']._serialized_end=882
 # @@protoc_insertion_point(module_scope)

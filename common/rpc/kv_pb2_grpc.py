@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class KVServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Every call names the KVHandle the prefill worker issued: a signed capability for exactly those
+    blocks of that request, valid until its lease deadline. A handle whose signature does not verify,
+    or whose lease has passed, is refused with PERMISSION_DENIED and moves no byte.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -52,7 +55,10 @@ class KVServiceStub:
 
 
 class KVServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Every call names the KVHandle the prefill worker issued: a signed capability for exactly those
+    blocks of that request, valid until its lease deadline. A handle whose signature does not verify,
+    or whose lease has passed, is refused with PERMISSION_DENIED and moves no byte.
+    """
 
     def PullBlocks(self, request, context):
         """The gRPC backend: the request's blocks as a stream of chunks, in block-table order.
@@ -103,7 +109,10 @@ def add_KVServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class KVService:
-    """Missing associated documentation comment in .proto file."""
+    """Every call names the KVHandle the prefill worker issued: a signed capability for exactly those
+    blocks of that request, valid until its lease deadline. A handle whose signature does not verify,
+    or whose lease has passed, is refused with PERMISSION_DENIED and moves no byte.
+    """
 
     @staticmethod
     def PullBlocks(request,

@@ -62,7 +62,7 @@ class KVLayout(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., order: _Optional[str] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("worker_id", "request_id", "block_ids", "layout", "transfer_endpoint", "lease_deadline_unix", "num_tokens")
+    __slots__ = ("worker_id", "request_id", "block_ids", "layout", "transfer_endpoint", "lease_deadline_unix", "num_tokens", "prompt_digest", "signature")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,8 @@ class KVHandle(_message.Message):
     TRANSFER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     LEASE_DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     request_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -77,7 +79,9 @@ class KVHandle(_message.Message):
     transfer_endpoint: str
     lease_deadline_unix: float
     num_tokens: int
-    def __init__(self, worker_id: _Optional[str] = ..., request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., transfer_endpoint: _Optional[str] = ..., lease_deadline_unix: _Optional[float] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    prompt_digest: bytes
+    signature: bytes
+    def __init__(self, worker_id: _Optional[str] = ..., request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., transfer_endpoint: _Optional[str] = ..., lease_deadline_unix: _Optional[float] = ..., num_tokens: _Optional[int] = ..., prompt_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens")

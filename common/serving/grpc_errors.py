@@ -17,6 +17,7 @@ from common.errors import (
     KVRelayError,
     KVTransferError,
     ModelLoadError,
+    PermissionDeniedError,
     UnknownRequestError,
 )
 from common.kv.layout import KVLayoutMismatchError
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (KVLayoutMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (UnknownRequestError, grpc.StatusCode.NOT_FOUND),
     (CacheFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),

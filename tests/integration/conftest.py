@@ -69,12 +69,13 @@ def start_cluster(
     cluster = Cluster(log_dir=log_dir, env=env)
     ports = free_worker_ports(prefill + decode)  # each with its metrics port (+ 1000) free too
     try:
-        p = [cluster.worker("prefill", port, 1, model, prefill_extra) for port in ports[:prefill]]
-        d_extra = ["--transfer", transfer, *(decode_extra or [])]
+        p_extra = ["--transfer", transfer, *(prefill_extra or [])]
+        p = [cluster.worker("prefill", port, 1, model, p_extra) for port in ports[:prefill]]
+        d_extra = ["--transfer", transfer, *(f"--prefill-peer={a}" for a in p), *(decode_extra or [])]
         d = [cluster.worker("decode", port, 1, model, d_extra) for port in ports[prefill:]]
         extra = ["--scheduler-config", force_pd_config(log_dir)] if force_pd else []
         extra += gateway_extra or []
-        url = cluster.gateway(free_port(), p, d, model, transfer, extra)
+        url = cluster.gateway(free_port(), p, d, model, extra)
         mode = "disaggregated" if prefill and not want_colocated else "colocated"
         cluster.wait_ready(url, timeout=timeout, want_mode=mode)
         # Ready needs one decode worker; a test means all it started: wait until each has answered.

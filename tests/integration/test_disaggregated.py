@@ -112,7 +112,7 @@ def test_layout_mismatch_at_the_decode_worker_is_a_clear_error(cluster_factory, 
                     pass
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "KV layouts differ" in err.value.details() and "block_size: 16 != 32" in err.value.details()
-            await kv_pb2_grpc.KVServiceStub(pch).Release(kv_pb2.ReleaseRequest(request_id="mismatch"), timeout=5)
+            await kv_pb2_grpc.KVServiceStub(pch).Release(kv_pb2.ReleaseRequest(handle=resp.handle), timeout=5)
 
     asyncio.run(main())
 

@@ -47,7 +47,7 @@ class RegCluster:
 
     def add_gateway(self) -> str:
         extra = ["--registry", self.redis_url, "--scheduler-config", force_pd_config(self.log_dir)]
-        url = self.cluster.gateway(free_port(), [], [], self.model, "grpc", extra)
+        url = self.cluster.gateway(free_port(), [], [], self.model, extra)
         self.gateways.append(url)
         return url
 

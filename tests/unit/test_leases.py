@@ -16,8 +16,10 @@ from common.engine.llm_engine import LLMEngine
 from common.errors import UnknownRequestError
 from common.rpc import kv_pb2
 from common.rpc.convert import layout_to_proto
+from kvtransfer.handles import HandleSigner
 from kvtransfer.nixl_backend import NixlKVServer, nixl_available
-from prefill_worker.servicer import KVServicer
+from kvtransfer.service import KVService
+from kvtransfer.source import EngineKVSource
 from tests.helpers import assert_no_leaks, greedy, run_to_completion, tiny_engine, tiny_model
 
 PROMPT = list(range(1, 12))
@@ -113,22 +115,24 @@ def test_kv_service_answers_while_a_step_runs(model):
 
     async def main() -> None:
         runner = AsyncEngine(engine)
-        servicer = KVServicer(runner, nixl)
+        source = EngineKVSource(runner, HandleSigner(), "prefill-test", "127.0.0.1:1")
+        servicer = KVService(source, engine.cache, nixl)
         gate = None
         try:
             await _pin(runner, "p")
+            handle = await source.issue("p", PROMPT)
             pinned = engine.export_kv("p").block_ids
             expected = engine.cache.read_blocks(pinned).numpy().tobytes()
             gate, busy = await _held_in_a_step(runner)
 
             async def pull_and_release() -> None:
-                pull = kv_pb2.PullBlocksRequest(request_id="p", layout=layout, blocks_per_chunk=1)
+                pull = kv_pb2.PullBlocksRequest(handle=handle, layout=layout, blocks_per_chunk=1)
                 chunks = [c async for c in servicer.PullBlocks(pull, None)]
                 assert b"".join(c.data for c in chunks) == expected
                 if nixl is not None:
-                    hs = kv_pb2.NixlHandshakeRequest(request_id="p", layout=layout)
+                    hs = kv_pb2.NixlHandshakeRequest(handle=handle, layout=layout)
                     assert (await servicer.NixlHandshake(hs, None)).block_descriptors
-                release = kv_pb2.ReleaseRequest(request_id="p")
+                release = kv_pb2.ReleaseRequest(handle=handle)
                 assert (await servicer.Release(release, None)).released
                 assert not (await servicer.Release(release, None)).released
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from common.config import EngineConfig
+from common.rpc.tls import TLSSettings
 from common.tracing.settings import TracingSettings
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class WorkerSettings(BaseSettings):
     )
     drain_timeout_s: float = Field(60.0, gt=0, description="on SIGTERM: most time to finish in-flight requests")
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    tls: TLSSettings = Field(default_factory=TLSSettings, description="mutual TLS for this worker's gRPC, both ways")
 
     @model_validator(mode="after")
     def _role_port(self) -> WorkerSettings:
@@ -150,6 +152,15 @@ class GatewaySettings(BaseSettings):
         2.0, ge=0, description="on SIGTERM: answer /ready with 503 this long before refusing new requests"
     )
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    tls: TLSSettings = Field(default_factory=TLSSettings, description="mutual TLS to the workers")
+    https_cert_file: str | None = Field(None, description="serve the API over HTTPS with this PEM certificate")
+    https_key_file: str | None = Field(None, description="the private key of https_cert_file")
+
+    @model_validator(mode="after")
+    def _https_pair(self) -> GatewaySettings:
+        if (self.https_cert_file is None) != (self.https_key_file is None):
+            raise ValueError("HTTPS needs both https_cert_file and https_key_file")
+        return self
 
 
 def load_settings(cls: type[S], config_file: str | Path | None = None, **overrides: Any) -> S:

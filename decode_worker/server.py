@@ -38,7 +38,7 @@ async def serve(settings: WorkerSettings) -> None:
         log.warning("no shared KV-handle key, prefill peers or registry: KV is pulled from loopback addresses only")
 
     def add(server: grpc.aio.Server, engine: AsyncEngine, identity: WorkerIdentity) -> ChannelPool:
-        channels = ChannelPool()
+        channels = ChannelPool(settings.tls)  # to prefill workers: mutual TLS when configured
         # One backend, the worker's own setting; a NIXL agent exists only when it is NIXL.
         client = make_client(settings.transfer, engine.engine.cache, channels, f"{identity.worker_id}-nixl")
         servicer = DecodeServicer(engine, {settings.transfer: client}, settings.transfer, channels, sources)

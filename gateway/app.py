@@ -50,7 +50,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     init_tracing("kvrelay-gateway", settings.tracing, attributes={"kvrelay.model": model_name}, edge=True)
     INFO.labels(model_name, kvrelay_version()).set(1)
     max_model_len = settings.max_model_len or min(context_length(source), 8192)
-    channels = ChannelPool()
+    channels = ChannelPool(settings.tls)
     index = PrefixIndex()
     if settings.registry:
         client = open_redis(settings.registry)

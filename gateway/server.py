@@ -53,5 +53,7 @@ def serve(settings: GatewaySettings) -> None:
         access_log=False,
         http=header_timeout_protocol(settings.header_timeout_s),
         timeout_graceful_shutdown=5,
+        ssl_certfile=settings.https_cert_file,
+        ssl_keyfile=settings.https_key_file,
     )
     _DrainingServer(config, lifecycle).run()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+from common.rpc.tls import TLSSettings
+
 # KV chunks are a few MB; leave room above gRPC's 4 MB default.
 MAX_MESSAGE_BYTES = 64 * 2**20
 CHANNEL_OPTIONS = [
@@ -14,8 +16,10 @@ CHANNEL_OPTIONS = [
 
 
 class ChannelPool:
-    def __init__(self) -> None:
+    def __init__(self, tls: TLSSettings | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tls = tls if tls is not None and tls.enabled else None
+        self._credentials = self._tls.channel_credentials() if self._tls else None
 
     def get(self, address: str, lane: int = 0) -> grpc.aio.Channel:
         """The channel to `address`; distinct lanes are distinct connections (for parallel bulk streams)."""
@@ -24,7 +28,12 @@ class ChannelPool:
         if ch is None:
             # a private subchannel pool gives each lane its own TCP connection
             options = CHANNEL_OPTIONS + [("grpc.use_local_subchannel_pool", 1)] if lane else CHANNEL_OPTIONS
-            ch = self._channels[key] = grpc.aio.insecure_channel(address, options=options)
+            if self._tls is not None:
+                options = options + self._tls.channel_options()
+                ch = grpc.aio.secure_channel(address, self._credentials, options=options)
+            else:
+                ch = grpc.aio.insecure_channel(address, options=options)
+            self._channels[key] = ch
         return ch
 
     async def close(self) -> None:

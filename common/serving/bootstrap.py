@@ -43,7 +43,11 @@ async def run_worker(settings: WorkerSettings, add_services: AddServices, backen
     servicer = WorkerServicer(runner, identity)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     extra = add_services(server, runner, identity)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    listen = f"{settings.host}:{settings.port}"
+    if settings.tls.enabled:  # mutual TLS: only clients with a certificate from the deployment's CA
+        port = server.add_secure_port(listen, settings.tls.server_credentials())
+    else:
+        port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}")
     metrics_port = settings.metrics_port if settings.metrics_port is not None else settings.port + 1000

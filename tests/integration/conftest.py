@@ -16,6 +16,7 @@ import pytest
 from common.engine.sampling import SamplingParams
 from common.rpc import prefill_pb2, prefill_pb2_grpc, worker_pb2, worker_pb2_grpc
 from common.rpc.convert import params_to_proto
+from common.rpc.tls import TLSSettings
 from kvrelay.launcher import Cluster, free_port, free_worker_ports
 from tests.tiny_checkpoint import write_tiny_checkpoint
 from tests.waiting import async_wait_for, wait_for
@@ -76,6 +77,13 @@ def start_cluster(
         extra = ["--scheduler-config", force_pd_config(log_dir)] if force_pd else []
         extra += gateway_extra or []
         url = cluster.gateway(free_port(), p, d, model, extra)
+        if env.get("KVRELAY_TLS__CA_FILE"):
+            tls = TLSSettings(
+                ca_file=env["KVRELAY_TLS__CA_FILE"],
+                cert_file=env["KVRELAY_TLS__CERT_FILE"],
+                key_file=env["KVRELAY_TLS__KEY_FILE"],
+            )
+            _WORKER_TLS.update(dict.fromkeys(p + d, tls))
         mode = "disaggregated" if prefill and not want_colocated else "colocated"
         cluster.wait_ready(url, timeout=timeout, want_mode=mode)
         # Ready needs one decode worker; a test means all it started: wait until each has answered.
@@ -129,8 +137,17 @@ def cluster_factory(tmp_path) -> Iterator:
             r.cluster.stop()
 
 
+# Workers of a cluster started with mutual TLS answer only a client with a certificate of their CA.
+_WORKER_TLS: dict[str, TLSSettings] = {}
+
+
 async def worker_stats(address: str, timeout: float = 5.0) -> worker_pb2.StatsResponse:
-    async with grpc.aio.insecure_channel(address) as ch:
+    tls = _WORKER_TLS.get(address)
+    if tls is not None:
+        channel = grpc.aio.secure_channel(address, tls.channel_credentials())
+    else:
+        channel = grpc.aio.insecure_channel(address)
+    async with channel as ch:
         return await worker_pb2_grpc.WorkerServiceStub(ch).Stats(worker_pb2.StatsRequest(), timeout=timeout)
 
 

@@ -124,7 +124,7 @@ def run_prefix_bench(
     out: dict = {"oracle_hit_rate": round(oracle, 4), "policies": {}}
     with tempfile.TemporaryDirectory() as logs:
         for policy in policies:
-            cluster = Cluster(log_dir=logs)
+            cluster = Cluster(log_dir=logs, env={"KVRELAY_ROUTING_HEADERS": "true"})
             try:
                 cache = ["--kv-cache-mb", str(kv_cache_mb)] if kv_cache_mb else []
                 p = [cluster.worker("prefill", free_port(), 1, model, cache) for _ in range(prefill)]

@@ -128,6 +128,11 @@ class GatewaySettings(BaseSettings):
     served_model_name: str | None = Field(None, description="name clients use; default: the model file's stem")
     prefill: list[str] = Field(default_factory=list, description="prefill worker addresses host:port")
     decode: list[str] = Field(default_factory=list, description="decode worker addresses host:port")
+    routing_headers: bool = Field(
+        False,
+        description="answer with X-Kvrelay-Mode, -Decision, -Prefill and -Decode (worker ids, never addresses) and "
+        "-Predicted-Cached-Tokens; off by default: they reveal the topology and what others' prompts cached",
+    )
     max_model_len: int | None = Field(None, gt=0, description="context window; default: the model's, at most 8192")
     default_max_tokens: int = Field(512, gt=0, description="when a request sets none")
     max_tokens_limit: int = Field(4096, gt=0, description="largest max_tokens a request may ask for")

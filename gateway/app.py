@@ -66,7 +66,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     orchestrator = Orchestrator(registry, channels, settings, scheduler)
     preparer = Preparer(tokenizer, {model_name, source.model_id}, max_model_len, settings)
     supervisor = Supervisor(orchestrator, registry, settings.migration)
-    responder = Responder(supervisor, Admission(settings.admission, registry), tokenizer, model_name)
+    admission = Admission(settings.admission, registry)
+    responder = Responder(supervisor, admission, tokenizer, model_name, settings.routing_headers)
     lifecycle = Lifecycle(settings.drain_notice_s, settings.shutdown_timeout_s)
 
     @asynccontextmanager

@@ -73,7 +73,15 @@ def _usage(last: Delta) -> dict:
 
 
 class Responder:
-    def __init__(self, supervisor: Supervisor, admission: Admission, tokenizer, model_name: str) -> None:  # noqa: ANN001
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        admission: Admission,
+        tokenizer,  # noqa: ANN001
+        model_name: str,
+        routing_headers: bool = False,
+    ) -> None:
+        self.routing_headers = routing_headers
         self.supervisor = supervisor
         self.admission = admission
         self.tokenizer = tokenizer
@@ -105,14 +113,15 @@ class Responder:
         route = outcome.first_route
         assert route is not None
         ROUTED.labels(route.mode).inc()
-        headers = {
-            "X-Request-Id": request_id,
-            "X-Kvrelay-Mode": route.mode,
-            "X-Kvrelay-Decision": route.reason,
-            "X-Kvrelay-Prefill": route.prefill or "",
-            "X-Kvrelay-Decode": route.decode,
-            "X-Kvrelay-Predicted-Cached-Tokens": str(route.predicted_cached_tokens),
-        }
+        headers = {"X-Request-Id": request_id}
+        if self.routing_headers:
+            headers |= {
+                "X-Kvrelay-Mode": route.mode,
+                "X-Kvrelay-Decision": route.reason,
+                "X-Kvrelay-Prefill": route.prefill_id or "",
+                "X-Kvrelay-Decode": route.decode_id,
+                "X-Kvrelay-Predicted-Cached-Tokens": str(route.predicted_cached_tokens),
+            }
         if prep.stream:
             return StreamingResponse(
                 self._sse(shape, request_id, prep, first, deltas, span, record),

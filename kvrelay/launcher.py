@@ -133,6 +133,8 @@ class Cluster:
 
     def worker(self, role: str, port: int, threads: int, model: str | None, extra: list[str] | None = None) -> str:
         args = [role, "--host", self.host, "--port", str(port), "--threads", str(threads), "--log-level", "warning"]
+        if "--worker-id" not in (extra or []):
+            args += ["--worker-id", f"{role}-{port}"]  # readable and stable (logs, metrics, routing headers)
         if model:
             args += ["--model", model]
         self.spawn(f"{role}-{port}", args + (extra or []), {"OMP_NUM_THREADS": str(threads)})

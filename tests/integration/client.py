@@ -47,3 +47,13 @@ def metric(url: str, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
+
+
+def address_of(worker_id: str, host: str = "127.0.0.1") -> str:
+    """A test worker's address from its id (the launcher names workers `{role}-{port}`)."""
+    return f"{host}:{worker_id.rsplit('-', 1)[1]}" if worker_id else ""
+
+
+def routed(response: httpx.Response, role: str) -> str:
+    """The address of the `role` worker that served a response (from the routing headers)."""
+    return address_of(response.headers.get(f"x-kvrelay-{role}", ""))

@@ -18,6 +18,7 @@ from common.rpc import prefill_pb2, prefill_pb2_grpc, worker_pb2, worker_pb2_grp
 from common.rpc.convert import params_to_proto
 from common.rpc.tls import TLSSettings
 from kvrelay.launcher import Cluster, free_port, free_worker_ports
+from tests.integration.client import routed
 from tests.tiny_checkpoint import write_tiny_checkpoint
 from tests.waiting import async_wait_for, wait_for
 
@@ -66,7 +67,8 @@ def start_cluster(
     env: dict[str, str] | None = None,
     gateway_extra: list[str] | None = None,
 ) -> Running:
-    env = {"KVRELAY_TRACING__DIR": os.path.join(log_dir, "traces"), **(env or {})}
+    # The tests read where each request went from the routing headers (worker ids; off by default).
+    env = {"KVRELAY_TRACING__DIR": os.path.join(log_dir, "traces"), "KVRELAY_ROUTING_HEADERS": "true", **(env or {})}
     cluster = Cluster(log_dir=log_dir, env=env)
     ports = free_worker_ports(prefill + decode)  # each with its metrics port (+ 1000) free too
     try:
@@ -219,7 +221,7 @@ def wait_until_gateway_follows(url: str, worker: str, block_size: int = 16, time
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
         assert r.status_code == 200, r.text
         predicted = int(r.headers["x-kvrelay-predicted-cached-tokens"])
-        return r.headers["x-kvrelay-prefill"] == worker and predicted == block_size
+        return routed(r, "prefill") == worker and predicted == block_size
 
     wait_for(follows, timeout, f"{url} to follow the KV events of {worker}")
 

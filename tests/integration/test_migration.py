@@ -12,7 +12,7 @@ import signal
 import httpx
 import pytest
 
-from tests.integration.client import metric, model_id
+from tests.integration.client import metric, model_id, routed
 from tests.integration.conftest import assert_workers_clean
 from tests.waiting import wait_for
 
@@ -41,7 +41,7 @@ async def _stream(url: str, on_tokens=None) -> dict:  # noqa: ANN001
         got: dict = {"ids": [], "finish": None, "usage": None, "error": None, "done": False}
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
             assert r.status_code == 200, await r.aread()
-            got["decode"] = r.headers["x-kvrelay-decode"]
+            got["decode"] = routed(r, "decode")
             async for line in r.aiter_lines():
                 if line == "data: [DONE]":
                     got["done"] = True

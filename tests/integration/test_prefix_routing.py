@@ -3,6 +3,7 @@ prediction (from the workers' KV events) matches what the worker reports."""
 
 import httpx
 
+from tests.integration.client import routed
 from tests.integration.conftest import wait_until_gateway_follows
 
 
@@ -32,13 +33,13 @@ def test_repeated_prefix_follows_the_cache(cluster_factory, tiny_dir):
 
     first = send([1, 2, 3])
     assert first.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-    owner = first.headers["x-kvrelay-prefill"]
+    owner = routed(first, "prefill")
     wait_until_gateway_follows(run.url, owner)  # the stored-block events have reached the gateway
     before = prefix_tokens(run.url)
     chosen = {owner}
     for k in range(4):
         r = send([10 + k, 20 + k])
-        chosen.add(r.headers["x-kvrelay-prefill"])
+        chosen.add(routed(r, "prefill"))
         assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 96
     assert len(chosen) == 1, f"the prefix was sent to several workers: {chosen}"
     after = prefix_tokens(run.url)

@@ -21,6 +21,7 @@ from common.discovery.event_stream import decode_entry
 from common.discovery.record import RegistryKeys, WorkerRecord
 from common.rpc import worker_pb2, worker_pb2_grpc
 from kvrelay.launcher import Cluster, free_port, free_worker_ports
+from tests.integration.client import routed
 from tests.integration.conftest import check_no_kv_held, force_pd_config, wait_until_gateway_follows
 from tests.waiting import async_wait_for, wait_for
 
@@ -92,7 +93,8 @@ def reg_cluster(redis_url, tiny_dir, tmp_path) -> Iterator:
     clusters: list[RegCluster] = []
 
     def make(prefill: int, decode: int, gateways: int = 1) -> RegCluster:
-        c = RegCluster(Cluster(log_dir=str(tmp_path)), redis_url, tiny_dir, str(tmp_path))
+        cluster = Cluster(log_dir=str(tmp_path), env={"KVRELAY_ROUTING_HEADERS": "true"})
+        c = RegCluster(cluster, redis_url, tiny_dir, str(tmp_path))
         clusters.append(c)
         for _ in range(prefill):
             c.add_worker("prefill")
@@ -145,7 +147,7 @@ def test_a_new_worker_registers_and_takes_traffic(reg_cluster):
             body = {"model": model, "prompt": "tell me", "max_tokens": 24, "ignore_eos": True}
             rs = await asyncio.gather(*(client.post(f"{url}/v1/completions", json=body) for _ in range(8)))
         assert all(x.status_code == 200 for x in rs), [x.text for x in rs]
-        return [x.headers["x-kvrelay-decode"] for x in rs]
+        return [routed(x, "decode") for x in rs]
 
     used = asyncio.run(burst())
     assert new in used, f"the new decode worker took no traffic ({joined_s:.1f}s after start): {used}"
@@ -173,14 +175,14 @@ def test_workers_drain_under_load_without_failures(reg_cluster):
                     if i % 2:
                         r = await client.post(f"{url}/v1/completions", json=body)
                         fin = r.json()["choices"][0]["finish_reason"] if r.status_code == 200 else r.text
-                        results.append((r.status_code, fin, r.headers.get("x-kvrelay-decode", "")))
+                        results.append((r.status_code, fin, routed(r, "decode")))
                         return
                     fin = None
                     async with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as r:
                         async for line in r.aiter_lines():
                             if line.startswith("data: {"):
                                 fin = json.loads(line[6:])["choices"][0]["finish_reason"] or fin
-                        results.append((r.status_code, fin, r.headers.get("x-kvrelay-decode", "")))
+                        results.append((r.status_code, fin, routed(r, "decode")))
                 finally:
                     in_flight -= 1
 
@@ -221,19 +223,19 @@ def test_workers_drain_under_load_without_failures(reg_cluster):
     left = {WorkerRecord.decode(rc.get(k)).address for k in rc.scan_iter(KEYS.worker_pattern)}
     assert left == {c.prefill[1], c.decode[1]}, "the drained workers must have deregistered"
     after = complete(url, [5, 6, 7], max_tokens=4)
-    assert after.headers["x-kvrelay-decode"] == c.decode[1]
+    assert routed(after, "decode") == c.decode[1]
 
 
 def test_two_gateways_route_alike_and_a_lagging_one_resyncs(reg_cluster):
     c = reg_cluster(prefill=2, decode=1, gateways=2)
     a, b = c.gateways
     first = complete(a, PREFIX + [1, 2, 3])
-    owner = first.headers["x-kvrelay-prefill"]
+    owner = routed(first, "prefill")
     wait_until_gateway_follows(b, owner)  # the stored-block events reached B through Redis
 
     for k in range(3):  # gateway B never saw these requests, only their KV events
         r = complete(b, PREFIX + [10 + k])
-        assert r.headers["x-kvrelay-prefill"] == owner
+        assert routed(r, "prefill") == owner
         assert cached(r) == (96, 96)
 
     # Gateway A freezes. A blocked stream read it had already issued still receives the next entry
@@ -244,15 +246,15 @@ def test_two_gateways_route_alike_and_a_lagging_one_resyncs(reg_cluster):
     gw_a.send_signal(signal.SIGSTOP)
     try:
         moved = complete(b, other + [1])
-        owner2 = moved.headers["x-kvrelay-prefill"]
+        owner2 = routed(moved, "prefill")
         wait_until_gateway_follows(b, owner2)
-        assert complete(b, other + grown + [1]).headers["x-kvrelay-prefill"] == owner2
+        assert routed(complete(b, other + grown + [1]), "prefill") == owner2
         c.wait_published(owner2)  # trimmed now, the stream can only continue after a hole
         rc = redis.Redis.from_url(c.redis_url)
         for key in rc.scan_iter(f"{KEYS.prefix}:kv-events:*"):
             rc.xtrim(key, maxlen=0)
         # new events on the same worker, after the hole
-        assert complete(b, other + grown[::-1] + [1]).headers["x-kvrelay-prefill"] == owner2
+        assert routed(complete(b, other + grown[::-1] + [1]), "prefill") == owner2
         c.wait_published(owner2)
     finally:
         gw_a.send_signal(signal.SIGCONT)
@@ -265,7 +267,7 @@ def test_two_gateways_route_alike_and_a_lagging_one_resyncs(reg_cluster):
     wait_for(resynced, 15, "gateway A to detect the gap and resync")
     wait_until_gateway_follows(a, owner2)  # the snapshot it resynced from has arrived
     r = complete(a, other + grown + [2, 3])
-    assert r.headers["x-kvrelay-prefill"] == owner2
+    assert routed(r, "prefill") == owner2
     assert cached(r) == (112, 112), "after the resync, gateway A knows the block it never saw an event for"
 
 
@@ -278,9 +280,9 @@ def test_registry_survives_a_gateway_restart(reg_cluster):
     c.cluster.procs = [(n, p) for n, p in c.cluster.procs if p is not gw]
     url = c.add_gateway()  # a new gateway given nothing but the registry
     c.wait_pools(url, 2, 1, timeout=60)
-    wait_until_gateway_follows(url, first.headers["x-kvrelay-prefill"])  # its index rebuilt from snapshots
+    wait_until_gateway_follows(url, routed(first, "prefill"))  # its index rebuilt from snapshots
     r = complete(url, PREFIX + [2])
-    assert r.headers["x-kvrelay-prefill"] == first.headers["x-kvrelay-prefill"]
+    assert routed(r, "prefill") == routed(first, "prefill")
     assert cached(r) == (96, 96)
 
 

@@ -46,7 +46,12 @@ def test_https_at_the_edge_and_mutual_tls_inside(cluster_factory, tiny_dir, tmp_
         tiny_dir,
         ["--scheduler-config", os.path.join(tmp_path, "scheduler-force-pd.yaml")],
     )
-    https_env = {"KVRELAY_HTTPS_CERT_FILE": str(cert), "KVRELAY_HTTPS_KEY_FILE": str(key)}
+    # (and with the default of no routing headers: clients learn no worker address, id or cache hint)
+    https_env = {
+        "KVRELAY_HTTPS_CERT_FILE": str(cert),
+        "KVRELAY_HTTPS_KEY_FILE": str(key),
+        "KVRELAY_ROUTING_HEADERS": "false",
+    }
     run.cluster.procs.pop()[1].terminate()  # respawn it with HTTPS settings of its own
     run.cluster.spawn(
         f"gateway-https-{port}",
@@ -68,6 +73,15 @@ def test_https_at_the_edge_and_mutual_tls_inside(cluster_factory, tiny_dir, tmp_
     model = client.models.list().data[0].id
     answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert answer.choices[0].finish_reason == "length"
+    raw = httpx.post(
+        f"{base}/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        verify=str(ca.ca_file),
+        timeout=60,
+    )
+    assert raw.status_code == 200 and raw.headers["x-request-id"]
+    assert not [h for h in raw.headers if h.startswith("x-kvrelay-")], raw.headers
+    assert run.prefill[0] not in raw.text and run.decode[0] not in raw.text
     # plain HTTP to the HTTPS port does not get an answer
     try:
         plain = httpx.get(f"http://127.0.0.1:{port}/health", timeout=3).status_code

@@ -76,10 +76,10 @@ class Orchestrator:
         self.ledger = InflightLedger()
         self._background: set[asyncio.Task] = set()
 
-    def route(self, prompt_ids: list[int], avoid: frozenset[str] = frozenset()) -> Route:
+    def route(self, prompt_ids: list[int], avoid: frozenset[str] = frozenset(), cache_salt: str = "") -> Route:
         """Choose workers for this prompt, never one of `avoid` (addresses that just failed it)."""
         with _tracer.start_as_current_span("schedule") as span:
-            route = self._route(prompt_ids, avoid, span)
+            route = self._route(prompt_ids, avoid, span, cache_salt)
             span.set_attributes(
                 {
                     "kvrelay.schedule.mode": route.mode,
@@ -91,9 +91,9 @@ class Orchestrator:
             )
             return route
 
-    def _route(self, prompt_ids: list[int], avoid: frozenset[str], span: trace.Span) -> Route:
+    def _route(self, prompt_ids: list[int], avoid: frozenset[str], span: trace.Span, cache_salt: str) -> Route:
         bs = self.registry.block_size()
-        req = RequestInfo(len(prompt_ids), tuple(block_hashes(prompt_ids, bs)), bs)
+        req = RequestInfo(len(prompt_ids), tuple(block_hashes(prompt_ids, bs, cache_salt)), bs)
         errors = self.registry.layout_errors()
         pools: dict[str, list] = {"prefill": [], "decode": []}
         for w in self.registry.workers.values():

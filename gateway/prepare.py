@@ -146,6 +146,7 @@ class Preparer:
                 frequency_penalty=body.frequency_penalty or 0.0,
                 repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
                 logit_bias=body.logit_bias,
+                cache_salt=body.cache_salt or "",
             )
         except InvalidRequestError as e:
             raise bad_request(str(e), e.param) from e

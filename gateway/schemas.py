@@ -50,6 +50,8 @@ class _Sampling(BaseModel):
     frequency_penalty: float | None = Field(None, allow_inf_nan=False)
     repetition_penalty: float | None = Field(None, allow_inf_nan=False)  # extension, as in vLLM
     logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias
+    # extension, as in vLLM: cached prefixes are shared only among requests with the same salt
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
 
 
 class ChatCompletionRequest(_Sampling):

@@ -74,7 +74,7 @@ class Supervisor:
             )
             outcome.clock.enter("schedule")
             try:
-                route = self._route(prompt_ids + sent, avoid)
+                route = self._route(prompt_ids + sent, avoid, params.cache_salt)
             except APIError as e:
                 if failure is None:
                     raise
@@ -115,15 +115,15 @@ class Supervisor:
                 failure = e
                 self._record(span, outcome, e, len(sent))
 
-    def _route(self, prompt_ids: list[int], avoid: set[str]) -> Route:
+    def _route(self, prompt_ids: list[int], avoid: set[str], cache_salt: str) -> Route:
         """Avoiding the workers that failed this request is a preference: when no other worker can
         take it, one of them may (a failed pull, say, need not be the decode worker's fault)."""
         try:
-            return self.orchestrator.route(prompt_ids, frozenset(avoid))
+            return self.orchestrator.route(prompt_ids, frozenset(avoid), cache_salt)
         except APIError as e:
             if not avoid or e.code != "no_workers":
                 raise
-        return self.orchestrator.route(prompt_ids)
+        return self.orchestrator.route(prompt_ids, cache_salt=cache_salt)
 
     @staticmethod
     def _as_one_stream(d: Delta, prompt_ids: list[int], sent: list[int], cached: int, migrated: bool) -> Delta:

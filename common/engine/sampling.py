@@ -38,6 +38,8 @@ class SamplingParams:
     # The last N prompt tokens were generated earlier (a stream migrated here with them): the output
     # penalties count them as output.
     prior_output_tokens: int = 0
+    # The tenant's prefix-cache salt: blocks cached under one salt are never hits for another.
+    cache_salt: str = ""
 
     @classmethod
     def create(
@@ -55,6 +57,7 @@ class SamplingParams:
         frequency_penalty: float = 0.0,
         repetition_penalty: float = 1.0,
         logit_bias: Mapping[int | str, float] | Sequence[tuple[int, float]] | None = None,
+        cache_salt: str = "",
     ) -> SamplingParams:
         """Build from loosely typed input (an API body), raising InvalidRequestError on bad values."""
         params = cls(
@@ -70,6 +73,7 @@ class SamplingParams:
             frequency_penalty=frequency_penalty,
             repetition_penalty=repetition_penalty,
             logit_bias=_normalize_logit_bias(logit_bias),
+            cache_salt=cache_salt,
         )
         params.validate()
         return params

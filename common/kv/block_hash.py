@@ -13,8 +13,18 @@ import hashlib
 import struct
 from collections.abc import Sequence
 
-# The hash of "no parent": the first block of every sequence chains from this.
+# The hash of "no parent": the first block of every unsalted sequence chains from this.
 ROOT_HASH = 0
+
+
+def root_hash(cache_salt: str = "") -> int:
+    """Where a sequence's chain starts. A cache salt (a tenant's) starts it elsewhere, so blocks of
+    one salt never match another's: no cache hit, no timing or cached_tokens signal across them."""
+    if not cache_salt:
+        return ROOT_HASH
+    return int.from_bytes(
+        hashlib.blake2b(b"kvrelay-cache-salt\x00" + cache_salt.encode(), digest_size=8).digest(), "little"
+    )
 
 
 def hash_block(parent_hash: int, token_ids: Sequence[int]) -> int:
@@ -25,12 +35,12 @@ def hash_block(parent_hash: int, token_ids: Sequence[int]) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+def block_hashes(token_ids: Sequence[int], block_size: int, cache_salt: str = "") -> list[int]:
     """Chained digests of every *full* block of `token_ids`; a partial tail block has none."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     hashes: list[int] = []
-    parent = ROOT_HASH
+    parent = root_hash(cache_salt)
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         parent = hash_block(parent, token_ids[start : start + block_size])
         hashes.append(parent)

@@ -15,7 +15,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from common.engine.sequence import Sequence
-from common.kv.block_hash import ROOT_HASH, hash_block
+from common.kv.block_hash import ROOT_HASH, hash_block, root_hash
 from common.kv.events import KVEventLog
 
 
@@ -62,11 +62,12 @@ class BlockManager:
     def cached_block_hashes(self) -> list[int]:
         return list(self._cached)
 
-    def match_prefix(self, token_ids: list[int]) -> list[int]:
-        """Block ids of the longest cached prefix of full blocks, leaving at least one token to compute."""
+    def match_prefix(self, token_ids: list[int], root: int = ROOT_HASH) -> list[int]:
+        """Block ids of the longest cached prefix of full blocks, leaving at least one token to compute.
+        `root`: where the chain starts (a cache salt's, see block_hash.root_hash)."""
         bs = self.block_size
         hits: list[int] = []
-        parent = ROOT_HASH
+        parent = root
         for i in range((len(token_ids) - 1) // bs):
             chunk = tuple(token_ids[i * bs : (i + 1) * bs])
             parent = hash_block(parent, chunk)
@@ -77,7 +78,7 @@ class BlockManager:
         return hits
 
     def can_allocate(self, seq: Sequence) -> bool:
-        hits = self.match_prefix(seq.token_ids)
+        hits = self.match_prefix(seq.token_ids, root_hash(seq.params.cache_salt))
         shared_in_use = sum(1 for b in hits if self.blocks[b].ref_count > 0)
         return self.blocks_for(len(seq)) - shared_in_use <= self.num_free_blocks
 
@@ -90,7 +91,7 @@ class BlockManager:
         if seq.block_table:
             raise RuntimeError(f"request {seq.request_id!r} already holds blocks")
         tokens = seq.token_ids
-        hits = self.match_prefix(tokens)
+        hits = self.match_prefix(tokens, root_hash(seq.params.cache_salt))
         hashes: list[int] = []
         for bid in hits:
             block = self.blocks[bid]
@@ -121,7 +122,8 @@ class BlockManager:
         """Register the hashes of blocks that became full and computed since the last commit."""
         bs = self.block_size
         tokens = seq.token_ids
-        parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
+        root = root_hash(seq.params.cache_salt)
+        parent = seq.block_hashes[-1] if seq.block_hashes else root
         for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
             chunk = tuple(tokens[i * bs : (i + 1) * bs])
             parent = hash_block(parent, chunk)
@@ -130,7 +132,7 @@ class BlockManager:
             if block.block_hash is None and parent not in self._cached:
                 block.block_hash, block.token_ids = parent, chunk
                 self._cached[parent] = block.block_id
-                prev = seq.block_hashes[-2] if len(seq.block_hashes) > 1 else ROOT_HASH
+                prev = seq.block_hashes[-2] if len(seq.block_hashes) > 1 else root
                 self.events.append("stored", parent, prev)
 
     def free(self, seq: Sequence) -> None:

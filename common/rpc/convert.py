@@ -23,6 +23,7 @@ def params_to_proto(p: SamplingParams) -> types_pb2.SamplingParams:
         repetition_penalty=p.repetition_penalty,
         logit_bias=dict(p.logit_bias),
         prior_output_tokens=p.prior_output_tokens,
+        cache_salt=p.cache_salt,
     )
     if p.seed is not None:
         msg.seed = p.seed
@@ -46,7 +47,7 @@ def params_from_proto(msg: types_pb2.SamplingParams) -> SamplingParams:
         repetition_penalty=_from_float32(msg.repetition_penalty) if msg.HasField("repetition_penalty") else 1.0,
         logit_bias={t: _from_float32(b) for t, b in msg.logit_bias.items()},
     )
-    return dataclasses.replace(params, prior_output_tokens=msg.prior_output_tokens)
+    return dataclasses.replace(params, prior_output_tokens=msg.prior_output_tokens, cache_salt=msg.cache_salt)
 
 
 def layout_to_proto(layout: KVLayout) -> types_pb2.KVLayout:

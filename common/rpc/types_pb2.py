@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvrelay/v1/types.proto\x12\nkvrelay.v1\"\xb7\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x02\x88\x01\x01\x12=\n\nlogit_bias\x18\x0c \x03(\x0b\x32).kvrelay.v1.SamplingParams.LogitBiasEntry\x12\x1b\n\x13prior_output_tokens\x18\r \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\x8a\x01\n\x08KVLayout\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\r\n\x05order\x18\x07 \x01(\t\"\xe0\x01\n\x08KVHandle\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12$\n\x06layout\x18\x04 \x01(\x0b\x32\x14.kvrelay.v1.KVLayout\x12\x19\n\x11transfer_endpoint\x18\x05 \x01(\t\x12\x1b\n\x13lease_deadline_unix\x18\x06 \x01(\x01\x12\x12\n\nnum_tokens\x18\x07 \x01(\r\x12\x15\n\rprompt_digest\x18\x08 \x01(\x0c\x12\x11\n\tsignature\x18\t \x01(\x0c\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvrelay/v1/types.proto\x12\nkvrelay.v1\"\xcb\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x02\x88\x01\x01\x12=\n\nlogit_bias\x18\x0c \x03(\x0b\x32).kvrelay.v1.SamplingParams.LogitBiasEntry\x12\x1b\n\x13prior_output_tokens\x18\r \x01(\r\x12\x12\n\ncache_salt\x18\x0e \x01(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\x8a\x01\n\x08KVLayout\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\r\n\x05order\x18\x07 \x01(\t\"\xe0\x01\n\x08KVHandle\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12$\n\x06layout\x18\x04 \x01(\x0b\x32\x14.kvrelay.v1.KVLayout\x12\x19\n\x11transfer_endpoint\x18\x05 \x01(\t\x12\x1b\n\x13lease_deadline_unix\x18\x06 \x01(\x01\x12\x12\n\nnum_tokens\x18\x07 \x01(\r\x12\x15\n\rprompt_digest\x18\x08 \x01(\x0c\x12\x11\n\tsignature\x18\t \x01(\x0c\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=39
-  _globals['_SAMPLINGPARAMS']._serialized_end=478
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=388
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=436
-  _globals['_KVLAYOUT']._serialized_start=481
-  _globals['_KVLAYOUT']._serialized_end=619
-  _globals['_KVHANDLE']._serialized_start=622
-  _globals['_KVHANDLE']._serialized_end=846
-  _globals['_USAGE']._serialized_start=848
-  _globals['_USAGE']._serialized_end=928
+  _globals['_SAMPLINGPARAMS']._serialized_end=498
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=408
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=456
+  _globals['_KVLAYOUT']._serialized_start=501
+  _globals['_KVLAYOUT']._serialized_end=639
+  _globals['_KVHANDLE']._serialized_start=642
+  _globals['_KVHANDLE']._serialized_end=866
+  _globals['_USAGE']._serialized_start=868
+  _globals['_USAGE']._serialized_end=948
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@ import pytest
 from common.engine.sampling import SamplingParams
 from common.engine.sequence import Sequence
 from common.kv.block_manager import BlockManager
+from tests.helpers import assert_no_leaks, run_to_completion, tiny_engine
 
 
 def seq(rid: str, tokens: list[int]) -> Sequence:
@@ -108,3 +109,21 @@ def test_allocate_blocks_beyond_capacity_raises():
     with pytest.raises(MemoryError):
         bm.allocate_blocks(3)
     assert bm.leaks() == []
+
+
+def test_a_cache_salt_shares_blocks_only_within_itself():
+    """Tenant isolation: the same prompt under another salt finds nothing cached (no hit, no
+    cached_tokens signal), and under its own salt finds everything."""
+    from common.kv.block_hash import block_hashes, root_hash
+
+    engine = tiny_engine()
+    prompt = list(range(1, 50))
+    outs = {}
+    for rid, salt in (("a1", "tenant-a"), ("b1", "tenant-b"), ("a2", "tenant-a"), ("n1", "")):
+        engine.add_request(rid, prompt, SamplingParams.create(max_tokens=2, cache_salt=salt))
+        outs.update(run_to_completion(engine))
+    cached = {rid: outs[rid][-1].num_cached_tokens for rid in ("a1", "b1", "a2", "n1")}
+    assert cached == {"a1": 0, "b1": 0, "a2": 48, "n1": 0}
+    assert root_hash("") == 0 and root_hash("tenant-a") != root_hash("tenant-b")
+    assert block_hashes(prompt, 16, "tenant-a")[0] != block_hashes(prompt, 16)[0]
+    assert_no_leaks(engine)

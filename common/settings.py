@@ -37,10 +37,11 @@ class WorkerSettings(BaseSettings):
         description="decode: how KV is pulled from prefill workers; prefill: 'nixl' also serves NIXL (a UCX agent "
         "exists only then), 'grpc' serves gRPC pulls only",
     )
-    kv_handle_secret_file: str | None = Field(
+    shared_secret_file: str | None = Field(
         None,
-        description="file holding the key that signs KV handles, shared by the deployment's workers (a mounted "
-        "secret); default: each prefill worker signs with a random key of its own and checks its handles itself",
+        description="file holding the deployment's shared secret (a mounted secret): it signs KV handles and "
+        "registry records; default: each prefill worker signs handles with a random key of its own and checks "
+        "them itself, and records are unsigned",
     )
     prefill_peers: list[str] = Field(
         default_factory=list,
@@ -69,14 +70,8 @@ class WorkerSettings(BaseSettings):
             )
         return self
 
-    def handle_secret(self) -> bytes | None:
-        """The shared KV-handle key, read from its file (surrounding whitespace dropped)."""
-        if self.kv_handle_secret_file is None:
-            return None
-        secret = Path(self.kv_handle_secret_file).read_bytes().strip()
-        if len(secret) < 16:
-            raise ValueError(f"the KV handle key in {self.kv_handle_secret_file} is shorter than 16 bytes")
-        return secret
+    def shared_secret(self) -> bytes | None:
+        return read_secret(self.shared_secret_file)
 
     @property
     def address(self) -> str:
@@ -158,6 +153,9 @@ class GatewaySettings(BaseSettings):
     )
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     tls: TLSSettings = Field(default_factory=TLSSettings, description="mutual TLS to the workers")
+    shared_secret_file: str | None = Field(
+        None, description="the deployment's shared secret: registry records not signed with it are ignored"
+    )
     https_cert_file: str | None = Field(None, description="serve the API over HTTPS with this PEM certificate")
     https_key_file: str | None = Field(None, description="the private key of https_cert_file")
 
@@ -166,6 +164,16 @@ class GatewaySettings(BaseSettings):
         if (self.https_cert_file is None) != (self.https_key_file is None):
             raise ValueError("HTTPS needs both https_cert_file and https_key_file")
         return self
+
+
+def read_secret(path: str | None) -> bytes | None:
+    """A secret from its file (surrounding whitespace dropped); None when no file is configured."""
+    if path is None:
+        return None
+    secret = Path(path).read_bytes().strip()
+    if len(secret) < 16:
+        raise ValueError(f"the secret in {path} is shorter than 16 bytes")
+    return secret
 
 
 def load_settings(cls: type[S], config_file: str | Path | None = None, **overrides: Any) -> S:

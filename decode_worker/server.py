@@ -26,13 +26,14 @@ log = logging.getLogger(__name__)
 async def serve(settings: WorkerSettings) -> None:
     if settings.transfer == "nixl" and not nixl_available():
         raise SystemExit("transfer backend 'nixl' is not available; install kvrelay[nixl]")
-    secret = settings.handle_secret()
+    secret = settings.shared_secret()
     registry = open_redis(settings.registry) if settings.registry else None
     sources = TrustedSources(
         HandleSigner(secret) if secret else None,
         settings.prefill_peers,
         registry,
         RegistryKeys(settings.registry_prefix),
+        secret,
     )
     if not (secret or settings.prefill_peers or registry):
         log.warning("no shared KV-handle key, prefill peers or registry: KV is pulled from loopback addresses only")

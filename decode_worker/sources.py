@@ -3,10 +3,11 @@ handle, and the decode worker would dial it: so the address must be one it alrea
 merely one a request names.
 
 In order:
-1. With a shared handle key (`kv_handle_secret_file`), the handle is verified here, before any
+1. With the deployment's shared secret (`shared_secret_file`), the handle is verified here, before any
    dial: only a prefill worker holding the key can have issued it, so its address is genuine.
 2. An address in `prefill_peers` (the static list `kvrelay up` and manifests pass) is trusted.
-3. With a registry, the handle's worker id must have a live prefill record at that address.
+3. With a registry, the handle's worker id must have a live prefill record at that address (signed,
+   when the deployment has a shared secret).
 4. With none of these, only loopback addresses are dialled (a single-machine deployment).
 Whatever the address, the prompt binding is checked too (`kvtransfer.handles.check_prompt`).
 """
@@ -46,7 +47,9 @@ class TrustedSources:
         peers: list[str],
         registry: Redis | None = None,
         keys: RegistryKeys | None = None,
+        record_secret: bytes | None = None,
     ) -> None:
+        self.record_secret = record_secret
         self.signer = signer
         self.peers = frozenset(peers)
         self.registry = registry
@@ -83,7 +86,7 @@ class TrustedSources:
             rec = WorkerRecord.decode(raw)
         except ValueError:
             return False
-        if rec.role == "prefill" and rec.address == address:
+        if rec.role == "prefill" and rec.address == address and rec.verified(self.record_secret):
             self._seen[key] = time.monotonic()
             return True
         return False

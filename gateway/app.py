@@ -17,7 +17,7 @@ from common.discovery.redis_client import check_redis, open_redis
 from common.model.gguf_meta import context_length
 from common.model_source import resolve_model
 from common.rpc.channels import ChannelPool
-from common.settings import GatewaySettings
+from common.settings import GatewaySettings, read_secret
 from common.tokenizer import Tokenizer
 from common.tracing.setup import init_tracing, kvrelay_version, shutdown_tracing
 from gateway.accounting import RequestAccounting
@@ -55,7 +55,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     if settings.registry:
         client = open_redis(settings.registry)
         discovery: StaticDiscovery = RedisDiscovery(
-            client, RegistryKeys(settings.registry_prefix), settings.prefill, settings.decode
+            client,
+            RegistryKeys(settings.registry_prefix),
+            settings.prefill,
+            settings.decode,
+            read_secret(settings.shared_secret_file),
         )
         watcher: KVEventWatcher = RedisKVEventWatcher(channels, index, client)
     else:

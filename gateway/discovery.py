@@ -37,8 +37,17 @@ class RedisDiscovery(StaticDiscovery):
     """Workers whose records have not expired. If Redis cannot be reached, the last known set is
     kept (workers are still health-checked directly), so a Redis outage does not empty the pools."""
 
-    def __init__(self, client: aioredis.Redis, keys: RegistryKeys, prefill: list[str], decode: list[str]) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: RegistryKeys,
+        prefill: list[str],
+        decode: list[str],
+        secret: bytes | None = None,
+    ) -> None:
         super().__init__(prefill, decode)
+        self.secret = secret  # records must be signed with it (a stray process cannot join a pool)
+        self._refused: set[str] = set()
         self.client = client
         self.keys = keys
         self._last: list[Member] = []
@@ -64,6 +73,11 @@ class RedisDiscovery(StaticDiscovery):
                 rec = WorkerRecord.decode(raw)
             except ValidationError as e:
                 log.warning("ignoring a malformed registry record %r: %s", name, e.errors()[0]["msg"])
+                continue
+            if not rec.verified(self.secret):
+                if name not in self._refused:
+                    log.warning("ignoring registry record %r: not signed with the deployment's secret", name)
+                    self._refused.add(name)
                 continue
             found.append(Member(rec.role, rec.address, rec.events_stream))
         self._last = found

@@ -21,7 +21,7 @@ async def serve(settings: WorkerSettings) -> None:
         raise SystemExit("transfer backend 'nixl' is not available; install kvrelay[nixl]")
     # gRPC pulls are always served; NIXL (and its UCX agent, which listens on the network) only on request.
     backends = ("grpc", "nixl") if settings.transfer == "nixl" else ("grpc",)
-    signer = HandleSigner(settings.handle_secret())
+    signer = HandleSigner(settings.shared_secret())
 
     def add(server: grpc.aio.Server, engine: AsyncEngine, identity: WorkerIdentity) -> NixlKVServer | None:
         nixl = NixlKVServer(engine.engine.cache, identity.worker_id) if "nixl" in backends else None

@@ -9,6 +9,8 @@ restarted sequence numbers for replays.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,9 +29,27 @@ class WorkerRecord(BaseModel):
     incarnation: str = Field(min_length=1)
     started_at: float
     events_stream: str = ""
+    # HMAC-SHA256 (hex) over the rest, with the deployment's shared secret: only a worker that holds
+    # it can put a record that gateways accept (when they have the secret too).
+    signature: str = ""
 
     def encode(self) -> bytes:
         return self.model_dump_json().encode()
+
+    def _signed_bytes(self) -> bytes:
+        return self.model_copy(update={"signature": ""}).model_dump_json().encode()
+
+    def signed(self, secret: bytes | None) -> WorkerRecord:
+        if secret is None:
+            return self
+        return self.model_copy(update={"signature": hmac.new(secret, self._signed_bytes(), hashlib.sha256).hexdigest()})
+
+    def verified(self, secret: bytes | None) -> bool:
+        """True if no secret is required, or the record carries a valid signature for it."""
+        if secret is None:
+            return True
+        expected = hmac.new(secret, self._signed_bytes(), hashlib.sha256).hexdigest()
+        return hmac.compare_digest(expected, self.signature)
 
     @classmethod
     def decode(cls, raw: bytes | str) -> WorkerRecord:

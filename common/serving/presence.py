@@ -45,7 +45,7 @@ class RegistryPresence:
             incarnation=incarnation,
             started_at=time.time(),
             events_stream=keys.events(identity.worker_id, incarnation),
-        )
+        ).signed(settings.shared_secret())
         ttl_ms = int(settings.registry_ttl_s * 1000)
         announcer = Announcer(client, record, keys, settings.registry_ttl_s, settings.heartbeat_s)
         presence = cls(client, announcer, EventPublisher(client, engine.events, record.events_stream, ttl_ms))

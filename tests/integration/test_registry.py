@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -92,8 +93,8 @@ class RegCluster:
 def reg_cluster(redis_url, tiny_dir, tmp_path) -> Iterator:
     clusters: list[RegCluster] = []
 
-    def make(prefill: int, decode: int, gateways: int = 1) -> RegCluster:
-        cluster = Cluster(log_dir=str(tmp_path), env={"KVRELAY_ROUTING_HEADERS": "true"})
+    def make(prefill: int, decode: int, gateways: int = 1, env: dict[str, str] | None = None) -> RegCluster:
+        cluster = Cluster(log_dir=str(tmp_path), env={"KVRELAY_ROUTING_HEADERS": "true", **(env or {})})
         c = RegCluster(cluster, redis_url, tiny_dir, str(tmp_path))
         clusters.append(c)
         for _ in range(prefill):
@@ -297,3 +298,32 @@ def test_a_worker_whose_registry_is_unreachable_says_so(tiny_dir, tmp_path):
         cluster.stop()
     log = next(tmp_path.glob("decode-*.log")).read_text()
     assert f"cannot reach the registry at {url}" in log and "Traceback" not in log
+
+
+def test_a_record_not_signed_with_the_deployment_secret_is_ignored(reg_cluster, tmp_path):
+    """A stray process that can write to Redis cannot join a pool: with a shared secret, gateways
+    (and decode workers choosing KV sources) accept only records signed with it."""
+    secret = tmp_path / "shared-secret"
+    secret.write_bytes(os.urandom(32).hex().encode())
+    c = reg_cluster(prefill=1, decode=1, env={"KVRELAY_SHARED_SECRET_FILE": str(secret)})
+    url = c.gateways[0]
+    rc = redis.Redis.from_url(c.redis_url)
+    real = WorkerRecord.decode(rc.get(KEYS.worker(f"decode-{c.decode[0].rsplit(':', 1)[1]}")))
+    assert real.signature  # the real workers sign theirs
+    impostor = real.model_copy(update={"worker_id": "impostor", "address": "127.0.0.1:9", "signature": ""})
+    forged = real.model_copy(update={"worker_id": "forger", "address": "127.0.0.1:10", "signature": "00" * 32})
+    # A record signed with the secret, written with them: once the gateway lists it, it has read all three.
+    canary = real.model_copy(update={"worker_id": "canary", "address": "127.0.0.1:11"}).signed(
+        secret.read_bytes().strip()
+    )
+    for rec in (impostor, forged, canary):
+        rc.set(KEYS.worker(rec.worker_id), rec.encode(), ex=60)
+
+    def listed() -> set[str]:
+        pools = httpx.get(f"{url}/ready", timeout=5).json()["workers"]
+        return {a for pool in pools.values() for group in pool.values() for a in group}
+
+    wait_for(lambda: "127.0.0.1:11" in listed(), 15, "the gateway to read the new records")
+    assert not {"impostor", "forger", "127.0.0.1:9", "127.0.0.1:10"} & listed()
+    r = complete(url, [1, 2, 3], max_tokens=4)
+    assert r.status_code == 200 and routed(r, "decode") == c.decode[0]

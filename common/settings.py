@@ -156,6 +156,10 @@ class GatewaySettings(BaseSettings):
     shared_secret_file: str | None = Field(
         None, description="the deployment's shared secret: registry records not signed with it are ignored"
     )
+    internal_port: int | None = Field(
+        None, ge=0, le=65535, description="serve /ready and /metrics only on this port (default: on the public one)"
+    )
+    internal_host: str = Field("127.0.0.1", description="where the internal port listens")
     https_cert_file: str | None = Field(None, description="serve the API over HTTPS with this PEM certificate")
     https_key_file: str | None = Field(None, description="the private key of https_cert_file")
 

@@ -8,8 +8,7 @@ import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.discovery.record import RegistryKeys
@@ -30,8 +29,9 @@ from gateway.http_limits import WriteTimeoutMiddleware
 from gateway.kv_event_stream import RedisKVEventWatcher
 from gateway.kv_events import KVEventWatcher
 from gateway.lifecycle import Lifecycle
-from gateway.metrics import INFO, WORKERS_UP
+from gateway.metrics import INFO
 from gateway.observer import RequestObserver
+from gateway.ops import add_ops_routes, health
 from gateway.orchestrator import Orchestrator
 from gateway.prepare import Prepared, Preparer, parse_body
 from gateway.registry import WorkerRegistry
@@ -143,36 +143,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             ],
         }
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready() -> JSONResponse:
-        if lifecycle.draining:
-            return JSONResponse({"ready": False, "mode": "draining", "workers": {}}, status_code=503)
-        errors = registry.layout_errors()
-        detail = {}
-        pools = {}
-        for role in ("prefill", "decode"):
-            members = [w for w in registry.workers.values() if w.role == role]
-            draining = [w for w in members if w.healthy and w.stats and w.stats.draining]
-            pools[role] = [w for w in members if w.healthy and w.address not in errors and w not in draining]
-            detail[role] = {
-                "healthy": [w.worker_id for w in pools[role]],
-                "draining": [w.worker_id for w in draining],
-                "down": {w.address: w.error for w in members if not w.healthy},
-                "incompatible": {w.address: errors[w.address] for w in members if w.address in errors},
-            }
-        ok = bool(pools["decode"])  # a decode worker can prefill locally, so it alone can serve
-        mode = "disaggregated" if pools["prefill"] and ok else ("colocated" if ok else "unavailable")
-        return JSONResponse({"ready": ok, "mode": mode, "workers": detail}, status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        for role in ("prefill", "decode"):
-            WORKERS_UP.labels(role).set(len(registry.healthy(role)))
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    ops = FastAPI(title="kvrelay gateway (internal)") if settings.internal_port is not None else app
+    add_ops_routes(ops, registry, lifecycle)
+    if ops is not app:
+        app.get("/health")(health)  # load balancers' liveness stays on the public port
+        app.state.internal_app = ops
 
     return app
 

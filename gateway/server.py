@@ -4,6 +4,7 @@ SIGINT (see gateway.lifecycle) instead of uvicorn's immediate close; a second si
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from types import FrameType
 
 import uvicorn
@@ -42,9 +43,38 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+class _InternalServer(uvicorn.Server):
+    """The internal port's server: it stops when the public one does, and leaves signals to it."""
+
+    def capture_signals(self):  # noqa: ANN201
+        return contextlib.nullcontext()
+
+
+async def _serve(public: _DrainingServer, internal: uvicorn.Server | None) -> None:
+    task = asyncio.get_running_loop().create_task(internal.serve()) if internal else None
+    try:
+        await public.serve()
+    finally:
+        if task is not None:
+            internal.should_exit = True  # type: ignore[union-attr]
+            await task
+
+
 def serve(settings: GatewaySettings) -> None:
     app = create_app(settings)
     lifecycle: Lifecycle = app.state.lifecycle
+    internal = None
+    if settings.internal_port is not None:
+        internal = _InternalServer(
+            uvicorn.Config(
+                app.state.internal_app,
+                host=settings.internal_host,
+                port=settings.internal_port,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+            )
+        )
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -56,4 +86,5 @@ def serve(settings: GatewaySettings) -> None:
         ssl_certfile=settings.https_cert_file,
         ssl_keyfile=settings.https_key_file,
     )
-    _DrainingServer(config, lifecycle).run()
+    public = _DrainingServer(config, lifecycle)
+    asyncio.run(_serve(public, internal))

@@ -1,0 +1,48 @@
+"""The operators' endpoints: liveness, readiness (with each pool's workers), and Prometheus
+metrics. On the public port by default; with `internal_port` set, only there (bound to
+`internal_host`, loopback by default), since readiness lists the workers and metrics reveal load."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.lifecycle import Lifecycle
+from gateway.metrics import WORKERS_UP
+from gateway.registry import WorkerRegistry
+
+
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+def add_ops_routes(app: FastAPI, registry: WorkerRegistry, lifecycle: Lifecycle) -> None:
+    app.get("/health")(health)
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        if lifecycle.draining:
+            return JSONResponse({"ready": False, "mode": "draining", "workers": {}}, status_code=503)
+        errors = registry.layout_errors()
+        detail = {}
+        pools = {}
+        for role in ("prefill", "decode"):
+            members = [w for w in registry.workers.values() if w.role == role]
+            draining = [w for w in members if w.healthy and w.stats and w.stats.draining]
+            pools[role] = [w for w in members if w.healthy and w.address not in errors and w not in draining]
+            detail[role] = {
+                "healthy": [w.worker_id for w in pools[role]],
+                "draining": [w.worker_id for w in draining],
+                "down": {w.address: w.error for w in members if not w.healthy},
+                "incompatible": {w.address: errors[w.address] for w in members if w.address in errors},
+            }
+        ok = bool(pools["decode"])  # a decode worker can prefill locally, so it alone can serve
+        mode = "disaggregated" if pools["prefill"] and ok else ("colocated" if ok else "unavailable")
+        return JSONResponse({"ready": ok, "mode": mode, "workers": detail}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        for role in ("prefill", "decode"):
+            WORKERS_UP.labels(role).set(len(registry.healthy(role)))
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

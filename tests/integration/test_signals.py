@@ -14,6 +14,7 @@ from common.tracing.jsonl import read_spans
 from tests.integration.client import metric
 from tests.waiting import wait_for
 
+SECRET = "zanzibar quokka"  # a phrase that appears in prompts only
 OUTCOMES = ("ok", "client_error", "cancelled", "overloaded", "worker_lost", "timeout", "server_error")
 
 
@@ -66,7 +67,7 @@ def test_a_clean_run_logs_no_error_and_its_phases_add_up(cluster_factory, tiny_d
     run = cluster_factory(tiny_dir)
     trace_ids = []
     for stream in (True, False, True):
-        r = _chat(run.url, "tell me a story", stream=stream, max_tokens=8)
+        r = _chat(run.url, f"tell me a story about {SECRET}", stream=stream, max_tokens=8)
         assert r.status_code == 200
         trace_ids.append(r.headers["x-trace-id"])
     bad = _chat(run.url, "x", max_tokens=0)
@@ -98,6 +99,16 @@ def test_a_clean_run_logs_no_error_and_its_phases_add_up(cluster_factory, tiny_d
     assert failed["status"] != "error"  # the client's mistake is not a server error
 
     assert_no_error_logged(tmp_path)
+    assert_no_prompt_text(tmp_path)
+
+
+def assert_no_prompt_text(log_dir) -> None:  # noqa: ANN001
+    """Without the content-capture opt-in, no log or span file holds a word of any prompt."""
+    for root, _, files in os.walk(log_dir):
+        for name in files:
+            if name.endswith((".log", ".jsonl")):
+                with open(os.path.join(root, name), errors="replace") as f:
+                    assert SECRET not in f.read(), os.path.join(root, name)
 
 
 def assert_no_error_logged(log_dir) -> None:  # noqa: ANN001

@@ -76,8 +76,10 @@ def register(app: typer.Typer) -> None:
         kv_cache_mb: int = typer.Option(None, help="KV cache size"),
         block_size: int = typer.Option(None, help="tokens per KV block (default 16)"),
         transfer: str = typer.Option(None, help="grpc or nixl: how KV is pulled"),
-        prefill_peer: list[str] = typer.Option(
-            None, help="a prefill worker host:port this worker may pull KV from (repeat; registered ones count too)"
+        prefill_peers: list[str] = typer.Option(
+            None,
+            "--prefill-peer",
+            help="a prefill worker host:port this worker may pull KV from (repeat; registered ones count too)",
         ),
         worker_id: str = typer.Option(None),
         registry: str = REGISTRY,
@@ -96,7 +98,7 @@ def register(app: typer.Typer) -> None:
             kv_cache_mb=kv_cache_mb,
             block_size=block_size,
             transfer=transfer,
-            prefill_peers=prefill_peer or None,
+            prefill_peers=prefill_peers or None,
             worker_id=worker_id,
             registry=registry,
         )

@@ -34,7 +34,7 @@ def check_command(args: list[str], env: dict[str, str], monkeypatch: pytest.Monk
         monkeypatch.setenv(k, v)
     cls = GatewaySettings if role == "gateway" else WorkerSettings
     assert not unknown_env_vars(cls, env), f"{role}: variables that name no setting"
-    flags = {k: v for k, v in ctx.params.items() if k not in ("config", "log_level") and v not in (None, [])}
+    flags = {k: v for k, v in ctx.params.items() if k not in ("config", "log_level") and v not in (None, [], ())}
     if role == "gateway":
         load_settings(GatewaySettings, **flags)
     else:

@@ -39,7 +39,8 @@ def test_alert_rules_pass_promtool():
         for r in g["rules"]
     }
     for wanted in ("KvrelayTTFTBudgetFastBurn", "KvrelayQueueBacklog", "KvrelayKVCacheNearlyFull", "KvrelayWorkerDown",
-                   "KvrelayKVTransferFailures", "KvrelayPrefixPredictionDrift"):  # fmt: skip
+                   "KvrelayKVTransferFailureRatio", "KvrelayPrefixPredictionDrift", "KvrelayServerErrorRatio",
+                   "KvrelayStuckStreams", "KvrelayGatewayAbsent"):  # fmt: skip
         assert wanted in names
 
 

@@ -71,6 +71,7 @@ def serve(settings: GatewaySettings) -> None:
                 host=settings.internal_host,
                 port=settings.internal_port,
                 log_level="warning",
+                log_config=None,  # uvicorn's lines go through kvrelay's handler (JSON lines or text)
                 access_log=False,
                 lifespan="off",
             )
@@ -80,6 +81,7 @@ def serve(settings: GatewaySettings) -> None:
         host=settings.host,
         port=settings.port,
         log_level="info",
+        log_config=None,
         access_log=False,
         http=header_timeout_protocol(settings.header_timeout_s),
         timeout_graceful_shutdown=5,

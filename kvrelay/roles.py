@@ -14,13 +14,20 @@ REGISTRY = typer.Option(None, help="redis://host:port URL of the worker registry
 CONFIG = typer.Option(None, "--config", help="YAML settings file (flags and KVRELAY_* env override it)")
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+LOG_FORMAT = typer.Option(
+    None, "--log-format", envvar="KVRELAY_LOG_FORMAT", help="json or text (default: text on a terminal, else json)"
+)
 
 
-def _serve_role(role: str, config: Path | None, log_level: str, **flags: object) -> None:
+def _logging(level: str, fmt: str | None = None) -> None:
+    from common.logs import configure_logging
+
+    configure_logging(level, fmt)  # type: ignore[arg-type]
+
+
+def _serve_role(role: str, config: Path | None, log_level: str, log_format: str | None, **flags: object) -> None:
     """Build the role's settings (flags over env over YAML) and run the worker until signalled."""
-    _logging(log_level)
+    _logging(log_level, log_format)
     engine = {k: flags.pop(k) for k in ("model", "threads", "kv_cache_mb", "block_size") if k in flags}
     settings = load_settings(WorkerSettings, config, role=role, engine=engine, **flags)
     if settings.role == "prefill":
@@ -50,12 +57,14 @@ def register(app: typer.Typer) -> None:
         registry: str = REGISTRY,
         config: Path = CONFIG,
         log_level: str = typer.Option("info"),
+        log_format: str = LOG_FORMAT,
     ) -> None:
         """Run a prefill worker."""
         _serve_role(
             "prefill",
             config,
             log_level,
+            log_format,
             port=port,
             host=host,
             model=model,
@@ -85,12 +94,14 @@ def register(app: typer.Typer) -> None:
         registry: str = REGISTRY,
         config: Path = CONFIG,
         log_level: str = typer.Option("info"),
+        log_format: str = LOG_FORMAT,
     ) -> None:
         """Run a decode worker (it can also prefill locally: colocated mode)."""
         _serve_role(
             "decode",
             config,
             log_level,
+            log_format,
             port=port,
             host=host,
             model=model,
@@ -114,9 +125,10 @@ def register(app: typer.Typer) -> None:
         registry: str = REGISTRY,
         config: Path = CONFIG,
         log_level: str = typer.Option("info"),
+        log_format: str = LOG_FORMAT,
     ) -> None:
         """Run the OpenAI-compatible gateway."""
-        _logging(log_level)
+        _logging(log_level, log_format)
         settings = load_settings(
             GatewaySettings,
             config,

@@ -54,18 +54,33 @@ def tree_order(spans: list[dict]) -> list[tuple[int, dict]]:
     return out
 
 
+def outcome_of(root: dict) -> str:
+    """A request's outcome: what the gateway recorded on its root span (kvrelay.outcome), else what
+    its HTTP status and span status say."""
+    a = root.get("attributes", {})
+    if a.get("kvrelay.outcome"):
+        return str(a["kvrelay.outcome"])
+    status = a.get("http.response.status_code")
+    if isinstance(status, int) and status >= 400:
+        return "overloaded" if status == 429 else ("client_error" if status < 500 else "server_error")
+    return "server_error" if root.get("status") == "error" else "ok"
+
+
 @trace_app.command("ls")
 def ls(
     limit: int = typer.Option(20, help="most recent traces to list"),
     directory: str = DIR,
     as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
+    outcome: str = typer.Option(None, help="only requests with this outcome (ok, client_error, worker_lost, ...)"),
 ) -> None:
-    """List recent traces: id, start, route, duration, status."""
+    """List recent traces: id, start, route, duration, outcome."""
     rows = []
     for trace_id, spans in load_traces(_dir(directory)).items():
         top = min(roots_of(spans), key=lambda s: s["start"])
         start, end = min(s["start"] for s in spans), max(s["end"] for s in spans)
-        status = "error" if any(s["status"] == "error" for s in spans) else "ok"
+        status = outcome_of(top)
+        if outcome is not None and status != outcome:
+            continue
         services = sorted({s["service"] for s in spans})
         rows.append((start, trace_id, top["name"], end - start, status, len(spans), services))
     rows.sort(reverse=True)
@@ -73,13 +88,13 @@ def ls(
     if as_json:
         for start, tid, route, dur, status, n, services in rows:
             typer.echo(json.dumps({"trace_id": tid, "start": start, "route": route, "duration_s": dur,
-                                   "status": status, "spans": n, "services": services}))  # fmt: skip
+                                   "outcome": status, "spans": n, "services": services}))  # fmt: skip
         return
-    typer.echo(f"{'TRACE ID':32}  {'START':19}  {'DURATION':>11}  {'STATUS':6}  {'SPANS':>5}  ROUTE (SERVICES)")
+    typer.echo(f"{'TRACE ID':32}  {'START':19}  {'DURATION':>11}  {'OUTCOME':12}  {'SPANS':>5}  ROUTE (SERVICES)")
     for start, tid, route, dur, status, n, services in rows:
         when = datetime.fromtimestamp(start).strftime("%Y-%m-%d %H:%M:%S")
         names = ", ".join(s.removeprefix("kvrelay-") for s in services)
-        typer.echo(f"{tid:32}  {when:19}  {dur * 1000:8.1f} ms  {status:6}  {n:5d}  {route} ({names})")
+        typer.echo(f"{tid:32}  {when:19}  {dur * 1000:8.1f} ms  {status:12}  {n:5d}  {route} ({names})")
 
 
 def _note(span: dict) -> str:
@@ -90,9 +105,11 @@ def _note(span: dict) -> str:
     if span["name"] == "schedule":
         mode, why = a.get("kvrelay.schedule.mode", ""), a.get("kvrelay.schedule.reason", "")
         return f"{mode} ({why}), predicted cached {a.get('kvrelay.prefix.predicted_cached_tokens', 0)}"
-    if "kvrelay.queue_seconds" in a:
-        return f"queue {a['kvrelay.queue_seconds'] * 1000:.1f} ms"
-    return ""
+    phases = [(k[len("kvrelay.phase.") : -len("_seconds")], v) for k, v in a.items() if k.startswith("kvrelay.phase.")]
+    note = ", ".join(f"{name} {v * 1000:.1f} ms" for name, v in phases if v >= 0.0005)
+    if span.get("status") == "error" and span.get("status_description"):
+        note = f"{note}  ERROR {span['status_description']}".strip()
+    return note
 
 
 @trace_app.command("show")
@@ -109,8 +126,7 @@ def show(
         raise typer.Exit(1)
     ordered = tree_order(spans)
     if as_json:
-        keys = ("name", "service", "span_id", "parent_id", "start", "end", "attributes")
-        typer.echo(json.dumps({"trace_id": trace_id.lower(), "spans": [{k: s[k] for k in keys} for _, s in ordered]}))
+        typer.echo(json.dumps({"trace_id": trace_id.lower(), "spans": [s for _, s in ordered]}))
         return
     t0 = min(s["start"] for s in spans)
     total = max(max(s["end"] for s in spans) - t0, 1e-9)

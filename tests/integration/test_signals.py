@@ -27,7 +27,13 @@ def _outcomes(url: str) -> dict[str, float]:
 
 
 def _chat(url: str, content: str, stream: bool = False, **extra: object) -> httpx.Response:
-    body = {"model": _model(url), "messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}
+    body = {
+        "model": _model(url),
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 4,
+        "ignore_eos": True,
+        **extra,
+    }
     return httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": stream}, timeout=60)
 
 

@@ -145,7 +145,14 @@ def test_one_trace_across_services_with_client_context_and_cli(cluster_factory, 
         assert name in out.stdout, out.stdout
     shown = json.loads(kvrelay("show", trace_id, "--dir", trace_dir, "--json").stdout)
     assert shown["trace_id"] == trace_id and len(shown["spans"]) == len(spans)
-    assert set(shown["spans"][0]) == {"name", "service", "span_id", "parent_id", "start", "end", "attributes"}
+    keys = {"name", "service", "span_id", "parent_id", "start", "end", "attributes", "status", "status_description"}
+    assert keys | {"kind", "events", "links", "resource", "scope"} <= set(shown["spans"][0])
+    root = shown["spans"][0]
+    assert root["kind"] == "server" and any(e["name"] == "first_token" for e in root["events"])
+    assert root["resource"]["service.instance.id"] and root["resource"]["service.version"]
+    assert root["scope"]["name"] == "kvrelay.gateway"
+    listed = [json.loads(line) for line in kvrelay("ls", "--dir", trace_dir, "--json").stdout.splitlines()]
+    assert {row["outcome"] for row in listed} == {"ok"}
     missing = kvrelay("show", "0" * 32, "--dir", trace_dir)
     assert missing.returncode == 1 and "no trace" in missing.stderr
 

@@ -55,7 +55,11 @@ def transfer_cmd(
 def serve_cmd(
     url: str = typer.Option(None, help="a running gateway (default: start clusters here)"),
     model: str = typer.Option(None, help="GGUF file or safetensors directory, for started clusters"),
-    compare: str = typer.Option(None, help="'colocated': also one colocated worker; 'tracing': traced vs untraced"),
+    compare: str = typer.Option(
+        None,
+        help="'colocated': also one colocated worker; 'tracing': traced vs untraced; 'auth': API keys, rate "
+        "limits and mTLS on vs off (ABBA)",
+    ),
     requests: int = typer.Option(30, help="requests per run"),
     rate: float = typer.Option(0.12, help="mean arrival rate, requests/s (Poisson); 0.12 is sustainable on 2 cores"),
     rates: str = typer.Option(
@@ -71,8 +75,8 @@ def serve_cmd(
     counted apart. With --rates: the same cluster at an unloaded and overload rates, side by side."""
     from bench.serve_bench import run_rates_bench, run_serve_bench
 
-    if compare not in (None, "colocated", "tracing"):
-        raise typer.BadParameter("use 'colocated' or 'tracing'", param_hint="--compare")
+    if compare not in (None, "colocated", "tracing", "auth"):
+        raise typer.BadParameter("use 'colocated', 'tracing' or 'auth'", param_hint="--compare")
     if rates is not None:
         if compare is not None:
             raise typer.BadParameter("--rates runs one cluster; drop --compare", param_hint="--rates")

@@ -144,10 +144,16 @@ async def _one(
 
 
 async def run_load(
-    url: str, model: str, requests: list[tuple[str, list[int], int]], rate: float, seed: int, label: str
+    url: str,
+    model: str,
+    requests: list[tuple[str, list[int], int]],
+    rate: float,
+    seed: int,
+    label: str,
+    headers: dict[str, str] | None = None,
 ) -> tuple[list[Sample], float]:
     rng = random.Random(seed + 1)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), headers=headers) as client:
         tasks = []
         t0 = time.perf_counter()
         with Progress(transient=True, console=Console(stderr=True)) as bar:  # stdout: the JSON only

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+from pathlib import Path
 
 import httpx
 
@@ -34,12 +35,36 @@ _RUNS = {
     "colocated": ("colocated", {}),
     "traced": ("disaggregated", {"KVRELAY_TRACING__ENABLED": "true", "KVRELAY_TRACING__SAMPLE_RATIO": "1.0"}),
     "untraced": ("disaggregated", {"KVRELAY_TRACING__ENABLED": "false"}),
+    "secured": ("disaggregated", {}),  # its keys, limits and certificates are made per run (_secured)
+    "open": ("disaggregated", {"KVRELAY_AUTH__ENABLED": "false"}),
 }
 _COMPARE = {
     None: ["disaggregated"],
     "colocated": ["disaggregated", "colocated"],
     "tracing": ["traced", "untraced", "untraced#2", "traced#2"],  # ABBA
+    "auth": ["secured", "open", "open#2", "secured#2"],  # ABBA
 }
+# secured: API keys with rate limits (high enough never to refuse) and mutual TLS between services
+_SECURED_KEY_LIMITS = {"rpm": 100_000, "tpm": 10**9}
+
+
+def _secured(log_dir: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(process environment, client headers) of a cluster with API keys, rate limits and mTLS."""
+    from bench.tls_ca import TestCA
+    from gateway.api_keys import KeyStore
+
+    ca = TestCA(Path(log_dir) / "pki")
+    cert, key = ca.issue("kvrelay-bench")
+    keys_file = os.path.join(log_dir, "keys.json")
+    api_key, _ = KeyStore(keys_file).add("bench", **_SECURED_KEY_LIMITS)
+    env = {
+        "KVRELAY_AUTH__ENABLED": "true",
+        "KVRELAY_AUTH__KEYS_FILE": keys_file,
+        "KVRELAY_TLS__CA_FILE": str(ca.ca_file),
+        "KVRELAY_TLS__CERT_FILE": str(cert),
+        "KVRELAY_TLS__KEY_FILE": str(key),
+    }
+    return env, {"Authorization": f"Bearer {api_key}"}
 
 
 def _start(mode: str, model: str | None, log_dir: str, env: dict[str, str]) -> tuple[Cluster, str]:
@@ -63,15 +88,23 @@ def _start(mode: str, model: str | None, log_dir: str, env: dict[str, str]) -> t
 
 
 def _measure(
-    url: str, label: str, n: int, rate: float, seed: int, slo_ttft: float, slo_tpot: float, warm_up: bool = True
+    url: str,
+    label: str,
+    n: int,
+    rate: float,
+    seed: int,
+    slo_ttft: float,
+    slo_tpot: float,
+    warm_up: bool = True,
+    headers: dict[str, str] | None = None,
 ) -> tuple[dict, list]:
-    models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
+    models = httpx.get(f"{url}/v1/models", headers=headers, timeout=10).json()["data"][0]
     vocab = 49152 if "SmolLM2" in models["id"] else 256
     requests = plan_requests(n, DEFAULT_MIX, vocab, seed, models.get("max_model_len"))
     if warm_up:
         warm = plan_requests(2, DEFAULT_MIX, vocab, seed + 99, models.get("max_model_len"))
-        asyncio.run(run_load(url, models["id"], warm, 10.0, seed, f"{label} warm-up"))
-    samples, makespan = asyncio.run(run_load(url, models["id"], requests, rate, seed, label))
+        asyncio.run(run_load(url, models["id"], warm, 10.0, seed, f"{label} warm-up", headers))
+    samples, makespan = asyncio.run(run_load(url, models["id"], requests, rate, seed, label, headers))
     return summarize(samples, makespan, slo_ttft, slo_tpot), samples
 
 
@@ -89,7 +122,7 @@ def run_serve_bench(
     results: dict = {}
     all_samples: dict = {}
     if compare not in _COMPARE:
-        raise ValueError(f"--compare must be one of colocated, tracing; got {compare!r}")
+        raise ValueError(f"--compare must be one of colocated, tracing, auth; got {compare!r}")
     with tempfile.TemporaryDirectory() as logs:
         makespans: dict[str, float] = {}
         spans = 0
@@ -101,9 +134,13 @@ def run_serve_bench(
             mode, env = _RUNS[label]
             log_dir = os.path.join(logs, run.replace("#", "-"))
             os.makedirs(log_dir)
+            headers = None
+            if label == "secured":
+                secured_env, headers = _secured(log_dir)
+                env = {**env, **secured_env}
             cluster, run_url = _start(mode, model, log_dir, env)
             try:
-                summary, samples = _measure(run_url, run, n, rate, seed, slo_ttft, slo_tpot)
+                summary, samples = _measure(run_url, run, n, rate, seed, slo_ttft, slo_tpot, headers=headers)
             finally:
                 cluster.stop()
             all_samples[label] = all_samples.get(label, []) + samples
@@ -124,13 +161,18 @@ def run_serve_bench(
             "throughput_disagg_over_coloc": _ratio(d["throughput_tok_s"], c["throughput_tok_s"]),
             "ttft_p99_disagg_over_coloc": _ratio(d["ttft_p99_s"], c["ttft_p99_s"]),
         }
-    if "traced" in results:
-        t, u = results["traced"], results["untraced"]
+    for on, off in (("traced", "untraced"), ("secured", "open")):
+        if on not in results:
+            continue
+        t, u = results[on], results[off]
         gain = _change(t["throughput_tok_s"], u["throughput_tok_s"])
         results["ratios"] = {
             "throughput_loss": None if gain is None else -gain,
             "ttft_p99_increase": _change(t["ttft_p99_s"], u["ttft_p99_s"]),
             "ttft_p50_increase": _change(t["ttft_p50_s"], u["ttft_p50_s"]),
+            "ttft_p50_delta_ms": None
+            if t["ttft_p50_s"] is None or u["ttft_p50_s"] is None
+            else round((t["ttft_p50_s"] - u["ttft_p50_s"]) * 1000, 1),
             "tpot_p99_increase": _change(t["tpot_p99_s"], u["tpot_p99_s"]),
         }
     results["workload"] = {

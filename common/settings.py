@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from common.config import EngineConfig
@@ -83,6 +83,17 @@ class WorkerSettings(BaseSettings):
         return f"{host}:{self.port}"
 
 
+class AuthSettings(BaseModel):
+    """API keys (gateway/api_keys.py, gateway/access.py); managed with `kvrelay keys`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="require an API key on /v1/ (off only when set so explicitly)")
+    keys_file: str | None = Field(None, description="the keys file (default ~/.config/kvrelay/keys.json)")
+    reload_s: float = Field(2.0, gt=0, description="how often gateways re-read the keys (revocations apply then)")
+    cache_salt_per_key: bool = Field(True, description="isolate each key's prefix cache from every other key's")
+
+
 class AdmissionSettings(BaseModel):
     """Back-pressure at the gateway: what may wait for a first token before new work gets a 429."""
 
@@ -137,6 +148,7 @@ class GatewaySettings(BaseSettings):
     scheduler_config: str | None = Field(None, description="scheduler YAML (profiles, weights); default built in")
     registry: str | None = Field(None, description="redis:// URL: discover workers and share KV events there")
     registry_prefix: str = Field("kvrelay", min_length=1, description="key prefix shared by one deployment")
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     migration: MigrationSettings = Field(default_factory=MigrationSettings)
     max_body_bytes: int = Field(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -21,7 +23,10 @@ from common.tokenizer import Tokenizer
 from common.tracing.setup import init_tracing, kvrelay_version, shutdown_tracing
 from gateway.accounting import RequestAccounting
 from gateway.admission import PRIORITIES, Admission
+from gateway.api_keys import KeyStore
+from gateway.access import AuthMiddleware, Authorizer
 from gateway.body_limit import BodyLimitMiddleware
+from gateway.cancellation import cancel_and_wait
 from gateway.client_gone import ClientGoneError
 from gateway.discovery import RedisDiscovery, StaticDiscovery
 from gateway.errors import APIError, api_error_handler, http_error_handler, unexpected_error_handler
@@ -34,6 +39,7 @@ from gateway.observer import RequestObserver
 from gateway.ops import add_ops_routes, health
 from gateway.orchestrator import Orchestrator
 from gateway.prepare import Prepared, Preparer, parse_body
+from gateway.rate_limits import MemoryBuckets, RedisBuckets
 from gateway.registry import WorkerRegistry
 from gateway.responses import Responder, Shape
 from gateway.scheduling.config import load_config
@@ -41,6 +47,8 @@ from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.scheduler import Scheduler
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -73,13 +81,30 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     admission = Admission(settings.admission, registry)
     responder = Responder(supervisor, admission, tokenizer, model_name, settings.routing_headers)
     lifecycle = Lifecycle(settings.drain_notice_s, settings.shutdown_timeout_s)
+    keys = KeyStore(settings.auth.keys_file, settings.registry, settings.registry_prefix)
+    buckets = RedisBuckets(client, settings.registry_prefix) if settings.registry else MemoryBuckets()
+    authorizer = Authorizer(buckets, settings.auth.cache_salt_per_key)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
         if settings.registry:
             await check_redis(client, settings.registry)
+        reloading = None
+        if settings.auth.enabled:
+            await asyncio.to_thread(keys.load)
+            if not len(keys):
+                log.warning(
+                    "API keys are on and none exist: every request gets 401; create one with `kvrelay keys add`"
+                )
+            reloading = asyncio.get_running_loop().create_task(_reload_keys(keys, settings.auth.reload_s))
+        else:
+            log.warning(
+                "API keys are off: anyone who can reach %s:%d may use this gateway", settings.host, settings.port
+            )
         await registry.start()
         yield
+        if reloading is not None:
+            await cancel_and_wait([reloading], 5.0)
         await registry.stop()
         await channels.close()
         shutdown_tracing()
@@ -101,12 +126,18 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(RequestAccounting, lifecycle=lifecycle)
     app.add_middleware(WriteTimeoutMiddleware, write_timeout_s=settings.write_timeout_s)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    if settings.auth.enabled:
+        app.add_middleware(AuthMiddleware, keys=keys, buckets=buckets)  # before the body is read
     app.add_middleware(RequestObserver)  # added last: outermost, so its span covers everything
 
     async def generate(
         request: Request, shape: Shape, request_id: str, prep: Prepared, priority: str | None
     ) -> Response:
         prep.priority = _priority(request, priority)
+        salt = authorizer.cache_salt(request, prep.params.cache_salt)
+        if salt != prep.params.cache_salt:
+            prep.params = dataclasses.replace(prep.params, cache_salt=salt)
+        await authorizer.reserve(request, len(prep.prompt_ids) + prep.params.max_tokens, request.state.record.on_end)
         try:
             return await responder.respond(shape, request_id, prep, request)
         except ClientGoneError:
@@ -117,6 +148,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def chat(request: Request) -> Response:
         lifecycle.check_accepting()
         body = await parse_body(request, ChatCompletionRequest)
+        authorizer.check_model(request, body.model)
         # Tokenizing and templating run off the event loop: a huge prompt must not stall other requests.
         prep = await asyncio.to_thread(preparer.chat, body)
         return await generate(request, Shape("chat"), f"chatcmpl-{uuid.uuid4().hex}", prep, body.priority)
@@ -125,6 +157,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def completions(request: Request) -> Response:
         lifecycle.check_accepting()
         body = await parse_body(request, CompletionRequest)
+        authorizer.check_model(request, body.model)
         prep = await asyncio.to_thread(preparer.completion, body)
         return await generate(request, Shape("text"), f"cmpl-{uuid.uuid4().hex}", prep, body.priority)
 
@@ -150,6 +183,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.internal_app = ops
 
     return app
+
+
+async def _reload_keys(keys: KeyStore, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        await asyncio.to_thread(keys.reload)
 
 
 def _priority(request: Request, field: str | None) -> str:

@@ -101,3 +101,4 @@ def _finish(span: trace.Span, record: RequestRecord, scope: Scope, status: int) 
     if outcome in SERVER_SIDE or outcome_of(status) in SERVER_SIDE:
         span.set_status(Status(StatusCode.ERROR, f"{record.error_type or outcome}: {record.error_message or ''}"))
     span.end()
+    record.ended()

@@ -12,8 +12,12 @@ the request from arrival to the last byte with no gap and no overlap (a migratio
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
 
 PHASES = ("tokenize", "admission", "schedule", "prefill", "decode", "respond")
 
@@ -78,6 +82,19 @@ class RequestRecord:
     error_type: str | None = None
     error_message: str | None = None
     clock: PhaseClock = field(default_factory=PhaseClock)
+    tokens_used: int = 0  # prompt + output tokens the request consumed (what a tokens/min budget is charged)
+    _on_end: list[Callable[[int], None]] = field(default_factory=list)
+
+    def on_end(self, callback: Callable[[int], None]) -> None:
+        """Call `callback(tokens_used)` when the response is over, however it ended."""
+        self._on_end.append(callback)
+
+    def ended(self) -> None:
+        for callback in self._on_end:
+            try:
+                callback(self.tokens_used)
+            except Exception:  # a settling callback must not fail the response's bookkeeping
+                log.exception("a request's end-of-request callback failed")
 
     def succeed(self, finish_reason: str | None) -> None:
         self.outcome = OK

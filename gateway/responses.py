@@ -21,6 +21,7 @@ from starlette.requests import Request
 
 from common.tracing.setup import capture_content
 from gateway.admission import Admission
+from gateway.access import response_headers
 from gateway.client_gone import unless_client_leaves
 from gateway.detokenizer import StreamDetokenizer
 from gateway.errors import APIError
@@ -103,7 +104,12 @@ class Responder:
         try:
             with self.admission.ticket(len(prep.prompt_ids), prep.priority):
                 deltas = self._timed(
-                    self.supervisor.serve(request_id, prep.prompt_ids, prep.params, outcome), outcome, t0, prep, span
+                    self.supervisor.serve(request_id, prep.prompt_ids, prep.params, outcome),
+                    outcome,
+                    t0,
+                    prep,
+                    span,
+                    record,
                 )
                 first = await unless_client_leaves(anext(deltas), request)
         except APIError as e:
@@ -113,7 +119,7 @@ class Responder:
         route = outcome.first_route
         assert route is not None
         ROUTED.labels(route.mode).inc()
-        headers = {"X-Request-Id": request_id}
+        headers = {"X-Request-Id": request_id, **response_headers(request)}
         if self.routing_headers:
             headers |= {
                 "X-Kvrelay-Mode": route.mode,
@@ -240,7 +246,13 @@ class Responder:
             span.set_attribute("gen_ai.output.messages", json.dumps([{**message, "finish_reason": finish_reason}]))
 
     async def _timed(
-        self, deltas: AsyncIterator[Delta], outcome: Outcome, t0: float, prep: Prepared, span: trace.Span
+        self,
+        deltas: AsyncIterator[Delta],
+        outcome: Outcome,
+        t0: float,
+        prep: Prepared,
+        span: trace.Span,
+        record: RequestRecord,
     ) -> AsyncIterator[Delta]:
         """Metrics and span attributes of one request, as its tokens pass."""
         RUNNING.inc()
@@ -272,6 +284,8 @@ class Responder:
             if last is not None:
                 span.set_attributes(_attributes(outcome, last, len(ids), tpot))
         finally:
+            # A request that got no token consumed nothing a budget should pay for.
+            record.tokens_used = len(prep.prompt_ids) + len(ids) if first_at is not None else 0
             self.gaps.close(gap)
             RUNNING.dec()
 

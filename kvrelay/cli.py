@@ -10,11 +10,13 @@ import typer
 
 from bench.cli import bench_app
 from kvrelay import roles
+from kvrelay.keys_command import keys_app
 from kvrelay.trace_cli import trace_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="kvrelay: disaggregated prefill/decode LLM serving")
 app.add_typer(bench_app, name="bench")
 app.add_typer(trace_app, name="trace")
+app.add_typer(keys_app, name="keys")
 roles.register(app)
 
 

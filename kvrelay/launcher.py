@@ -77,6 +77,10 @@ def free_ports(n: int, host: str = "127.0.0.1", paired: int = 0) -> list[int]:
         return ports
 
 
+def _loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "::1", "localhost")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
@@ -155,7 +159,13 @@ class Cluster:
             args += ["--decode", a]
         if model:
             args += ["--model", model]
-        self.spawn(f"gateway-{port}", args + (extra or []))
+        # On loopback (kvrelay up, the tests) API keys are off unless asked for; elsewhere they are on.
+        env = (
+            {"KVRELAY_AUTH__ENABLED": "false"}
+            if _loopback(self.host) and "KVRELAY_AUTH__ENABLED" not in self.env
+            else {}
+        )
+        self.spawn(f"gateway-{port}", args + (extra or []), env)
         return f"http://{self.host}:{port}"
 
     def wait_ready(self, url: str, timeout: float = 180.0, want_mode: str | None = None) -> dict:
@@ -205,6 +215,8 @@ def up(
 ) -> int:
     plan = divide_cores(os.cpu_count() or 1, prefill, decode)
     print(f"kvrelay up: {plan.note}", flush=True)
+    if _loopback(host):
+        print("kvrelay up: API keys are off (loopback only); with --host elsewhere they are on: `kvrelay keys add`")
     ports = plan_ports(port, base_port, prefill, decode, host)
     cluster = Cluster(host=host, log_dir=log_dir)
     stop = False

@@ -13,7 +13,9 @@ def test_ops_endpoints_move_to_the_internal_port(tiny_cluster, tiny_dir):
     public, internal = free_port(), free_port()
     args = ["gateway", "--host", "127.0.0.1", "--port", str(public), "--model", tiny_dir, "--log-level", "warning"]
     args += ["--prefill", tiny_cluster.prefill[0], "--decode", tiny_cluster.decode[0]]
-    proc = tiny_cluster.cluster.spawn(f"gateway-internal-{public}", args, {"KVRELAY_INTERNAL_PORT": str(internal)})
+    proc = tiny_cluster.cluster.spawn(
+        f"gateway-internal-{public}", args, {"KVRELAY_INTERNAL_PORT": str(internal), "KVRELAY_AUTH__ENABLED": "false"}
+    )
     try:
 
         def ready() -> bool:

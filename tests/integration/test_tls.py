@@ -12,8 +12,9 @@ import httpx
 import openai
 
 from common.rpc import worker_pb2, worker_pb2_grpc
+from gateway.api_keys import KeyStore
 from kvrelay.launcher import free_port
-from tests.tls_ca import TestCA
+from bench.tls_ca import TestCA
 from tests.waiting import wait_for
 
 
@@ -47,10 +48,15 @@ def test_https_at_the_edge_and_mutual_tls_inside(cluster_factory, tiny_dir, tmp_
         ["--scheduler-config", os.path.join(tmp_path, "scheduler-force-pd.yaml")],
     )
     # (and with the default of no routing headers: clients learn no worker address, id or cache hint)
+    # ... that requires an API key, as any gateway off loopback does
+    keys_file = tmp_path / "keys.json"
+    api_key, _ = KeyStore(str(keys_file)).add("tls-test")
     https_env = {
         "KVRELAY_HTTPS_CERT_FILE": str(cert),
         "KVRELAY_HTTPS_KEY_FILE": str(key),
         "KVRELAY_ROUTING_HEADERS": "false",
+        "KVRELAY_AUTH__ENABLED": "true",
+        "KVRELAY_AUTH__KEYS_FILE": str(keys_file),
     }
     run.cluster.procs.pop()[1].terminate()  # respawn it with HTTPS settings of its own
     run.cluster.spawn(
@@ -69,13 +75,14 @@ def test_https_at_the_edge_and_mutual_tls_inside(cluster_factory, tiny_dir, tmp_
             return False
 
     wait_for(ready, 60, "the HTTPS gateway to be ready")
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", http_client=httpx.Client(verify=str(ca.ca_file)))
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=api_key, http_client=httpx.Client(verify=str(ca.ca_file)))
     model = client.models.list().data[0].id
     answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert answer.choices[0].finish_reason == "length"
     raw = httpx.post(
         f"{base}/v1/chat/completions",
         json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        headers={"Authorization": f"Bearer {api_key}"},
         verify=str(ca.ca_file),
         timeout=60,
     )

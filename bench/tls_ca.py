@@ -1,5 +1,6 @@
-"""A throwaway certificate authority for the TLS tests: a CA, and certificates it signs for
-loopback services (usable as both server and client certificates), written as PEM files."""
+"""A throwaway certificate authority for the TLS tests and the `--compare auth` benchmark: a CA,
+and certificates it signs for loopback services (usable as both server and client certificates),
+written as PEM files."""
 
 from __future__ import annotations
 

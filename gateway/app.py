@@ -21,10 +21,10 @@ from common.rpc.channels import ChannelPool
 from common.settings import GatewaySettings, read_secret
 from common.tokenizer import Tokenizer
 from common.tracing.setup import init_tracing, kvrelay_version, shutdown_tracing
+from gateway.access import AuthMiddleware, Authorizer
 from gateway.accounting import RequestAccounting
 from gateway.admission import PRIORITIES, Admission
 from gateway.api_keys import KeyStore
-from gateway.access import AuthMiddleware, Authorizer
 from gateway.body_limit import BodyLimitMiddleware
 from gateway.cancellation import cancel_and_wait
 from gateway.client_gone import ClientGoneError
@@ -162,17 +162,20 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return await generate(request, Shape("text"), f"cmpl-{uuid.uuid4().hex}", prep, body.priority)
 
     @app.get("/v1/models")
-    async def models() -> dict:
+    async def models(request: Request) -> dict:
+        key = Authorizer.key_of(request)
+        served = [model_name] if key is None or key.allows(model_name) else []  # a key sees only its models
         return {
             "object": "list",
             "data": [
                 {
-                    "id": model_name,
+                    "id": m,
                     "object": "model",
                     "created": int(time.time()),
                     "owned_by": "kvrelay",
                     "max_model_len": max_model_len,
                 }
+                for m in served
             ],
         }
 

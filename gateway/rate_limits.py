@@ -4,16 +4,23 @@ tokens once its prompt is known; when it ends, what it did not use goes back (`r
 
 With a registry, the buckets live in Redis and every gateway replica draws from the same ones: one
 Lua script reads, refills and takes atomically, on the Redis server's clock. Without one, they are
-in this process's memory.
+in this process's memory. If Redis cannot be reached, limits are not enforced (requests pass, a
+warning says so every 10 s): an outage of the shared store must not become an outage of the API,
+and the keys themselves are still checked (from the keys last read).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+_WARN_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -88,9 +95,16 @@ class RedisBuckets:
     def __init__(self, client: aioredis.Redis, prefix: str = "kvrelay") -> None:
         self._script = client.register_script(_TAKE)
         self.prefix = prefix
+        self._warned = 0.0
 
     async def _run(self, name: str, per_minute: int, n: int) -> tuple[bool, float]:
-        ok, milli = await self._script(keys=[f"{self.prefix}:ratelimit:{name}"], args=[per_minute, n])
+        try:
+            ok, milli = await self._script(keys=[f"{self.prefix}:ratelimit:{name}"], args=[per_minute, n])
+        except (RedisError, OSError) as e:
+            if time.monotonic() - self._warned > _WARN_EVERY_S:
+                self._warned = time.monotonic()
+                log.warning("rate limits are not enforced while Redis is unreachable: %s", e)
+            return True, float(per_minute)
         return bool(ok), milli / 1000.0
 
     async def take(self, name: str, per_minute: int, n: int) -> Take:

@@ -20,8 +20,8 @@ from opentelemetry import trace
 from starlette.requests import Request
 
 from common.tracing.setup import capture_content
-from gateway.admission import Admission
 from gateway.access import response_headers
+from gateway.admission import Admission
 from gateway.client_gone import unless_client_leaves
 from gateway.detokenizer import StreamDetokenizer
 from gateway.errors import APIError

@@ -66,6 +66,8 @@ def test_keys_limits_and_isolation_across_two_gateways(tiny_cluster, tiny_dir, r
         # a key sees only its models (no hint that the model exists)
         denied = _chat(a, other, model=model)
         assert denied.status_code == 404 and denied.json()["error"]["code"] == "model_not_found"
+        listed = httpx.get(f"{a}/v1/models", headers={"Authorization": f"Bearer {other}"}).json()["data"]
+        assert listed == []
 
         # tenants: a's cached system prompt gives b no cached tokens and no prediction
         secret = f"the vault code is {uuid.uuid4().hex} " * 4

@@ -11,10 +11,10 @@ import grpc
 import httpx
 import openai
 
+from bench.tls_ca import TestCA
 from common.rpc import worker_pb2, worker_pb2_grpc
 from gateway.api_keys import KeyStore
 from kvrelay.launcher import free_port
-from bench.tls_ca import TestCA
 from tests.waiting import wait_for
 
 

@@ -15,8 +15,8 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from typer.testing import CliRunner
 
-from gateway.api_keys import KeyStore
 from gateway.access import AuthMiddleware
+from gateway.api_keys import KeyStore
 from gateway.rate_limits import MemoryBuckets, RedisBuckets, headers, reset_text
 from kvrelay.keys_command import keys_app
 
@@ -144,3 +144,15 @@ def test_the_cli_shows_a_key_once(tmp_path):
     revoked = run.invoke(keys_app, ["revoke", "alice", "--file", path])
     assert revoked.exit_code == 0 and row["id"] in revoked.output
     assert run.invoke(keys_app, ["revoke", "alice", "--file", path]).exit_code == 2
+
+
+def test_an_unreachable_redis_does_not_take_the_api_down():
+    from kvrelay.launcher import free_port
+
+    async def main() -> None:
+        client = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
+        take = await RedisBuckets(client).take("k:rpm", 5, 1)
+        assert take.ok  # limits are not enforced while the shared store is gone; keys still are
+        await client.aclose()
+
+    asyncio.run(main())

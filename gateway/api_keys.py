@@ -4,7 +4,9 @@ A key is shown once, when it is made (`kvrelay keys add`). Only a salted SHA-256
 stored, with a short public id (the 8 characters after `kvr-`) to find the record without a scan;
 the digest is compared in constant time. Keys live in a JSON file (mode 0600) and, when a registry
 is configured, in a Redis hash, so every gateway replica sees the same keys; gateways re-read the
-store every `reload_s`, so a revoked key stops working within seconds.
+store every `reload_s`, so a revoked key stops working within seconds. With the deployment's
+shared secret, records in Redis are signed (HMAC-SHA256) and gateways ignore unsigned ones, so
+write access to Redis alone does not let anyone mint a key.
 """
 
 from __future__ import annotations
@@ -49,6 +51,17 @@ class ApiKey:
     rpm: int | None = None  # requests per minute
     tpm: int | None = None  # tokens per minute (prompt + max_tokens reserved, corrected at the end)
     cache_salt: str = field(default_factory=lambda: secrets.token_hex(16))  # this tenant's prefix-cache salt
+    signature: str = ""  # HMAC-SHA256 (hex) with the shared secret over the rest, for records in Redis
+
+    def _signed_bytes(self) -> bytes:
+        return json.dumps({**asdict(self), "signature": ""}, sort_keys=True).encode()
+
+    def sign(self, secret: bytes) -> None:
+        self.signature = hmac.new(secret, self._signed_bytes(), hashlib.sha256).hexdigest()
+
+    def signed_by(self, secret: bytes) -> bool:
+        expected = hmac.new(secret, self._signed_bytes(), hashlib.sha256).hexdigest()
+        return hmac.compare_digest(expected, self.signature)
 
     def matches(self, key: str) -> bool:
         return hmac.compare_digest(_digest(bytes.fromhex(self.salt), key), self.digest)
@@ -81,8 +94,15 @@ def new_key(name: str, models: list[str] | None = None, rpm: int | None = None, 
 class KeyStore:
     """The keys, from a file and (optionally) Redis. Reads are served from memory."""
 
-    def __init__(self, path: str | None = None, redis_url: str | None = None, prefix: str = "kvrelay") -> None:
+    def __init__(
+        self,
+        path: str | None = None,
+        redis_url: str | None = None,
+        prefix: str = "kvrelay",
+        secret: bytes | None = None,
+    ) -> None:
         self.path = Path(path or default_keys_file())
+        self.secret = secret
         self._redis = redis.Redis.from_url(redis_url, socket_timeout=5) if redis_url else None
         self._hash = f"{prefix}:api-keys"
         self._keys: dict[str, ApiKey] = {}
@@ -98,6 +118,9 @@ class KeyStore:
         if self._redis is not None:
             for raw in self._redis.hvals(self._hash):
                 rec = ApiKey(**json.loads(raw))
+                if self.secret is not None and not rec.signed_by(self.secret):
+                    log.warning("ignoring API key record %s in Redis: not signed with the shared secret", rec.id)
+                    continue
                 keys[rec.id] = rec  # Redis is shared by the replicas: it wins
         with self._lock:
             self._keys = keys
@@ -144,6 +167,8 @@ class KeyStore:
 
     def _save(self, keys: dict[str, ApiKey], changed: ApiKey) -> None:
         if self._redis is not None:
+            if self.secret is not None:
+                changed.sign(self.secret)
             self._redis.hset(self._hash, changed.id, json.dumps(asdict(changed)))
             return
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

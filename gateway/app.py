@@ -81,7 +81,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     admission = Admission(settings.admission, registry)
     responder = Responder(supervisor, admission, tokenizer, model_name, settings.routing_headers)
     lifecycle = Lifecycle(settings.drain_notice_s, settings.shutdown_timeout_s)
-    keys = KeyStore(settings.auth.keys_file, settings.registry, settings.registry_prefix)
+    keys = KeyStore(
+        settings.auth.keys_file, settings.registry, settings.registry_prefix, read_secret(settings.shared_secret_file)
+    )
     buckets = RedisBuckets(client, settings.registry_prefix) if settings.registry else MemoryBuckets()
     authorizer = Authorizer(buckets, settings.auth.cache_salt_per_key)
 

@@ -7,6 +7,7 @@ from datetime import datetime
 
 import typer
 
+from common.settings import read_secret
 from gateway.api_keys import KeyStore
 
 keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys (a key is shown once, when it is made)")
@@ -17,10 +18,16 @@ REGISTRY = typer.Option(
     None, "--registry", envvar="KVRELAY_REGISTRY", help="redis:// URL: keys shared by every gateway"
 )
 PREFIX = typer.Option("kvrelay", "--registry-prefix", envvar="KVRELAY_REGISTRY_PREFIX")
+SECRET = typer.Option(
+    None,
+    "--secret-file",
+    envvar="KVRELAY_SHARED_SECRET_FILE",
+    help="the deployment's shared secret (signs keys in Redis)",
+)
 
 
-def _store(file: str | None, registry: str | None, prefix: str) -> KeyStore:
-    return KeyStore(file, registry, prefix)
+def _store(file: str | None, registry: str | None, prefix: str, secret_file: str | None = None) -> KeyStore:
+    return KeyStore(file, registry, prefix, read_secret(secret_file))
 
 
 @keys_app.command("add")
@@ -32,11 +39,12 @@ def add(
     file: str = FILE,
     registry: str = REGISTRY,
     prefix: str = PREFIX,
+    secret_file: str = SECRET,
 ) -> None:
     """Make a key and print it. It is not stored, only its digest: copy it now."""
     allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
     try:
-        key, rec = _store(file, registry, prefix).add(name, allowed, rpm, tpm)
+        key, rec = _store(file, registry, prefix, secret_file).add(name, allowed, rpm, tpm)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
@@ -73,10 +81,11 @@ def revoke(
     file: str = FILE,
     registry: str = REGISTRY,
     prefix: str = PREFIX,
+    secret_file: str = SECRET,
 ) -> None:
     """Revoke a key; gateways refuse it within their reload interval (2 s by default)."""
     try:
-        rec = _store(file, registry, prefix).revoke(key_id)
+        rec = _store(file, registry, prefix, secret_file).revoke(key_id)
     except KeyError as e:
         typer.echo(f"error: {e.args[0]}", err=True)
         raise typer.Exit(2) from e

@@ -7,6 +7,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import redis
 
@@ -14,17 +15,33 @@ from kvrelay.launcher import free_port
 
 
 @contextmanager
-def redis_server(workdir: str) -> Iterator[str]:
+def redis_server(workdir: str, password: str | None = None, tls: bool = False) -> Iterator[str]:
+    """A redis-server on a free port; with `password`, clients must authenticate (it is in the URL);
+    with `tls`, it speaks only TLS, with a certificate from a throwaway CA (`rediss://` URL that
+    names the CA file)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed; run `make setup` (apt-get install -y redis-server)")
     port = free_port()
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
+    query = ""
+    if tls:
+        from bench.tls_ca import TestCA
+
+        ca = TestCA(Path(workdir) / "redis-pki", name="redis-test-ca")
+        cert, key = ca.issue("redis")
+        args = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+        args += ["--tls-ca-cert-file", str(ca.ca_file), "--tls-auth-clients", "no"]
+        args += ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
+        query = f"?ssl_ca_certs={ca.ca_file}"
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        [binary, *args] + (["--requirepass", password] if password else []),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
-    url = f"redis://127.0.0.1:{port}/0"
+    scheme = "rediss" if tls else "redis"
+    auth = f":{password}@" if password else ""
+    url = f"{scheme}://{auth}127.0.0.1:{port}/0{query}"
     try:
         client = redis.Redis.from_url(url)
         deadline = time.monotonic() + 10

@@ -24,6 +24,7 @@ from common.rpc import worker_pb2, worker_pb2_grpc
 from kvrelay.launcher import Cluster, free_port, free_worker_ports
 from tests.integration.client import routed
 from tests.integration.conftest import check_no_kv_held, force_pd_config, wait_until_gateway_follows
+from tests.redis_server import redis_server
 from tests.waiting import async_wait_for, wait_for
 
 KEYS = RegistryKeys()
@@ -327,3 +328,24 @@ def test_a_record_not_signed_with_the_deployment_secret_is_ignored(reg_cluster, 
     assert not {"impostor", "forger", "127.0.0.1:9", "127.0.0.1:10"} & listed()
     r = complete(url, [1, 2, 3], max_tokens=4)
     assert r.status_code == 200 and routed(r, "decode") == c.decode[0]
+
+
+def test_a_registry_over_tls_that_requires_a_password(tiny_dir, tmp_path):
+    """Workers and gateways reach a password-protected Redis over TLS (`rediss://`, the password and
+    the CA file in the URL); without the password, Redis refuses them and a worker says so and exits."""
+    with redis_server(str(tmp_path), password="s3cret-" + os.urandom(8).hex(), tls=True) as url:
+        cluster = Cluster(log_dir=str(tmp_path), env={"KVRELAY_ROUTING_HEADERS": "true"})
+        c = RegCluster(cluster, url, tiny_dir, str(tmp_path))
+        try:
+            c.add_worker("prefill")
+            c.add_worker("decode")
+            c.wait_pools(c.add_gateway(), 1, 1, timeout=120)
+            assert complete(c.gateways[0], [1, 2, 3], max_tokens=4).status_code == 200
+            check_no_kv_held(c.prefill + c.decode)
+            no_password = url.split("@", 1)[1]
+            cluster.worker("decode", free_worker_ports(1)[0], 1, tiny_dir, ["--registry", f"rediss://{no_password}"])
+            assert cluster.procs[-1][1].wait(120) == 2
+            logs = "".join(p.read_text() for p in tmp_path.glob("*.log"))
+            assert url.split("@", 1)[0].split(":")[-1] not in logs  # the password never reaches a log
+        finally:
+            cluster.stop()

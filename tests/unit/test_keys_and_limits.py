@@ -156,3 +156,17 @@ def test_an_unreachable_redis_does_not_take_the_api_down():
         await client.aclose()
 
     asyncio.run(main())
+
+
+def test_with_a_shared_secret_a_key_written_into_redis_by_anyone_else_is_ignored(tmp_path, redis_url):
+    secret = b"s" * 32
+    admin = KeyStore(str(tmp_path / "k.json"), redis_url, secret=secret)
+    good, _ = admin.add("signed")
+    # someone with write access to Redis but not the secret mints a key of their own
+    rogue_key, rogue = KeyStore(str(tmp_path / "r.json"), redis_url).add("rogue")
+    gateway = KeyStore(str(tmp_path / "g.json"), redis_url, secret=secret)
+    gateway.load()
+    assert gateway.verify(good) is not None and gateway.verify(rogue_key) is None
+    admin.revoke("signed")  # a revocation is signed too, and taken
+    gateway.load()
+    assert gateway.verify(good) is None

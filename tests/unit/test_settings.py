@@ -55,3 +55,13 @@ def test_registry_settings(monkeypatch):
     assert load_settings(GatewaySettings).registry == "redis://127.0.0.1:6390/0"
     with pytest.raises(ValidationError, match="heartbeat_s"):
         load_settings(WorkerSettings, heartbeat_s=5.0, registry_ttl_s=2.0)
+
+
+def test_registry_urls_lose_their_password_in_messages():
+    from common.discovery.redis_client import redacted
+
+    assert redacted("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
+    assert (
+        redacted("rediss://user:pw@h:6380/0?ssl_ca_certs=/ca.pem") == "rediss://user:***@h:6380/0?ssl_ca_certs=/ca.pem"
+    )
+    assert redacted("redis://h:6379/0") == "redis://h:6379/0"

@@ -8,11 +8,16 @@ STAMP   := $(VENV)/.setup-stamp
 
 setup: system-deps $(STAMP)
 
-# Real servers the tests start on loopback ports: Redis (registry) and Prometheus (scrape test).
+# Real servers the tests start on loopback ports: Redis (registry) and Prometheus (scrape test);
+# docker-compose 1.29 and kubectl (kustomize) to check the deployment files.
+SYSTEM_PKGS := redis-server prometheus docker-compose
 system-deps:
-	@command -v redis-server >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null || \
-	  { apt-get install -y -qq redis-server prometheus >/dev/null 2>&1 || \
-	    { apt-get update -qq && apt-get install -y -qq redis-server prometheus; }; }
+	@command -v redis-server >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null \
+	  && command -v docker-compose >/dev/null || \
+	  { apt-get install -y -qq $(SYSTEM_PKGS) >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq $(SYSTEM_PKGS); }; }
+	@command -v kubectl >/dev/null || apt-get install -y -qq kubectl >/dev/null 2>&1 || \
+	  apt-get install -y -qq kubernetes-client
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -28,14 +28,30 @@ class WorkerSettings(BaseSettings):
 
     role: Literal["prefill", "decode"] = "decode"
     host: str = "127.0.0.1"
-    port: int | None = Field(None, ge=0, le=65535, description="default: 50051 for prefill, 50061 for decode")
+    port: int | None = Field(
+        None, ge=0, le=65535, description="default: 50051 for prefill, 50061 for decode; 0: a free one"
+    )
     advertise_host: str | None = Field(None, description="address other services use to reach this worker")
-    metrics_port: int | None = Field(None, ge=0, le=65535, description="default: port + 1000")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="default: port + 1000 (a free one when port is 0)"
+    )
+    health_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="also serve grpc.health.v1 alone on this plaintext port (for probes that cannot do mTLS); "
+        "default: only on the main port",
+    )
     worker_id: str | None = None
     transfer: Transfer = Field(
         "grpc",
         description="decode: how KV is pulled from prefill workers; prefill: 'nixl' also serves NIXL (a UCX agent "
         "exists only then), 'grpc' serves gRPC pulls only",
+    )
+    nixl_net_devices: str | None = Field(
+        None,
+        description="with transfer nixl: the network devices the UCX agent uses and listens on (UCX_NET_DEVICES, "
+        "e.g. 'mlx5_0:1' or 'eth0'); default: only 'lo' when host is loopback, else every device",
     )
     shared_secret_file: str | None = Field(
         None,

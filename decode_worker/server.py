@@ -18,7 +18,7 @@ from decode_worker.servicer import DecodeServicer
 from decode_worker.sources import TrustedSources
 from kvtransfer.base import make_client
 from kvtransfer.handles import HandleSigner
-from kvtransfer.nixl_backend import nixl_available
+from kvtransfer.nixl_backend import nixl_available, restrict_ucx
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 async def serve(settings: WorkerSettings) -> None:
     if settings.transfer == "nixl" and not nixl_available():
         raise SystemExit("transfer backend 'nixl' is not available; install kvrelay[nixl]")
+    if settings.transfer == "nixl":
+        restrict_ucx(settings.nixl_net_devices, settings.host)
     secret = settings.shared_secret()
     registry = open_redis(settings.registry) if settings.registry else None
     sources = TrustedSources(

@@ -8,6 +8,7 @@ NixlHandshake RPC. On CPU the cache is DRAM; on a GPU the same code registers VR
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 from common.kv.cache import KVCache
@@ -16,6 +17,20 @@ from common.rpc.channels import ChannelPool
 from common.rpc.convert import layout_to_proto
 from common.tracing.grpc_context import outgoing_metadata
 from kvtransfer.base import TransferResult, check_handle
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def restrict_ucx(net_devices: str | None, host: str) -> str | None:
+    """Make the UCX agent listen where the worker's settings say, before any agent exists: the
+    devices asked for, or only the loopback device when the worker itself listens on loopback
+    (otherwise UCX listens on every interface of the machine). An UCX_NET_DEVICES already in the
+    environment is the operator's choice and wins. Returns the devices in effect (None: all)."""
+    if "UCX_NET_DEVICES" not in os.environ:
+        chosen = net_devices or ("lo" if host in _LOOPBACK else None)
+        if chosen:
+            os.environ["UCX_NET_DEVICES"] = chosen
+    return os.environ.get("UCX_NET_DEVICES")
 
 
 def nixl_available() -> bool:

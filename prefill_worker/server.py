@@ -10,7 +10,7 @@ from common.serving.bootstrap import run_worker
 from common.serving.worker_servicer import WorkerIdentity
 from common.settings import WorkerSettings
 from kvtransfer.handles import HandleSigner
-from kvtransfer.nixl_backend import NixlKVServer, nixl_available
+from kvtransfer.nixl_backend import NixlKVServer, nixl_available, restrict_ucx
 from kvtransfer.service import KVService
 from kvtransfer.source import EngineKVSource
 from prefill_worker.servicer import PrefillServicer
@@ -19,6 +19,8 @@ from prefill_worker.servicer import PrefillServicer
 async def serve(settings: WorkerSettings) -> None:
     if settings.transfer == "nixl" and not nixl_available():
         raise SystemExit("transfer backend 'nixl' is not available; install kvrelay[nixl]")
+    if settings.transfer == "nixl":
+        restrict_ucx(settings.nixl_net_devices, settings.host)
     # gRPC pulls are always served; NIXL (and its UCX agent, which listens on the network) only on request.
     backends = ("grpc", "nixl") if settings.transfer == "nixl" else ("grpc",)
     signer = HandleSigner(settings.shared_secret())

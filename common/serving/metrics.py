@@ -125,7 +125,9 @@ class EngineCollector(Collector):
             yield counter
 
 
-def serve_metrics(engine: LLMEngine, role: str, worker_id: str, host: str, port: int) -> None:
+def serve_metrics(engine: LLMEngine, role: str, worker_id: str, host: str, port: int) -> int:
+    """Serve /metrics; returns the port (a free one when `port` is 0)."""
     INFO.labels(worker_id, role, engine.layout.model_id, kvrelay_version()).set(1)
     REGISTRY.register(EngineCollector(engine, role))
-    start_http_server(port, addr=host)
+    httpd, _ = start_http_server(port, addr=host)
+    return httpd.server_port

@@ -117,6 +117,20 @@ def prefix_cmd(
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 
+@bench_app.command("scale")
+def scale_cmd(
+    workers: str = typer.Option("10,100,1000", help="simulated pool sizes (prefill and decode together)"),
+    decisions: int = typer.Option(2000, help="routing decisions timed per size"),
+    blocks_per_worker: int = typer.Option(2000, help="cached KV blocks in each worker's prefix-index view"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
+) -> None:
+    """The gateway's control plane against many simulated workers: decision latency, KV event ingest, discovery."""
+    from bench.scale_bench import run_scale_bench
+
+    result = run_scale_bench([int(n) for n in workers.split(",")], decisions, blocks_per_worker)
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
 @bench_app.command("chaos")
 def chaos_cmd(
     model: str = typer.Option(None, help="GGUF file or safetensors directory (default: SmolLM2-135M-Instruct)"),

@@ -55,8 +55,12 @@ class RedisDiscovery(StaticDiscovery):
 
     async def members(self) -> list[Member]:
         try:
-            names = [k async for k in self.client.scan_iter(match=self.keys.worker_pattern, count=200)]
+            ids = sorted(m.decode() if isinstance(m, bytes) else m for m in await self.client.smembers(self.keys.index))
+            names = [self.keys.worker(i) for i in ids]
             raws = await self.client.mget(names) if names else []
+            expired = [i for i, raw in zip(ids, raws, strict=True) if raw is None]
+            if expired:  # a worker that died without deregistering: its record expired, drop it from the index
+                await self.client.srem(self.keys.index, *expired)
         except (RedisError, OSError) as e:
             if not self._failing:
                 log.warning("registry unreachable; keeping the %d workers last seen: %s", len(self._last), e)
@@ -67,7 +71,7 @@ class RedisDiscovery(StaticDiscovery):
         self._failing = False
         found = []
         for name, raw in zip(names, raws, strict=True):
-            if raw is None:  # expired between SCAN and MGET
+            if raw is None:
                 continue
             try:
                 rec = WorkerRecord.decode(raw)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from gateway.inflight import Charge, InflightLedger
 from gateway.metrics import CHOSEN, DECISIONS
 from gateway.registry import WorkerRegistry
 from gateway.scheduling.scheduler import NoCandidateError, NoCapacityError, Scheduler
+from gateway.scheduling.shortlist import shortlist
 from gateway.scheduling.types import RequestInfo, ScoredCandidate
 from kvtransfer.release import release
 
@@ -74,6 +76,7 @@ class Orchestrator:
         self.settings = settings
         self.scheduler = scheduler
         self.ledger = InflightLedger()
+        self._rng = random.Random()
         self._background: set[asyncio.Task] = set()
 
     def route(self, prompt_ids: list[int], avoid: frozenset[str] = frozenset(), cache_salt: str = "") -> Route:
@@ -94,23 +97,25 @@ class Orchestrator:
     def _route(self, prompt_ids: list[int], avoid: frozenset[str], span: trace.Span, cache_salt: str) -> Route:
         bs = self.registry.block_size()
         req = RequestInfo(len(prompt_ids), tuple(block_hashes(prompt_ids, bs, cache_salt)), bs)
-        errors = self.registry.layout_errors()
         pools: dict[str, list] = {"prefill": [], "decode": []}
-        for w in self.registry.workers.values():
-            if w.address in avoid:
-                continue
-            tokens = self.ledger.tokens[w.worker_id]
-            if w.role == "decode":
-                candidate = w.candidate(
-                    errors.get(w.address),
-                    tokens,
-                    self.ledger.pending_blocks(w.worker_id, w.last_seen),
-                    self.ledger.streams(w.worker_id),
-                    self.settings.admission.max_streams_per_decode_worker,
-                )
-            else:
-                candidate = w.candidate(errors.get(w.address), tokens)
-            pools[w.role].append(candidate)
+        for role, pool in pools.items():
+            view = self.registry.pool(role)
+            keep = shortlist(view.by_load, req.block_hashes, self.scheduler.index, self._rng)
+            for w, worker_id in zip(view.states, view.ids, strict=True):
+                if w.address in avoid or (keep is not None and worker_id not in keep):
+                    continue
+                tokens = self.ledger.tokens[worker_id]
+                if role == "decode":
+                    candidate = w.candidate(
+                        view.layout_errors.get(w.address),
+                        tokens,
+                        self.ledger.pending_blocks(worker_id, w.last_seen),
+                        self.ledger.streams(worker_id),
+                        self.settings.admission.max_streams_per_decode_worker,
+                    )
+                else:
+                    candidate = w.candidate(view.layout_errors.get(w.address), tokens)
+                pool.append(candidate)
         try:
             sched = self.scheduler.schedule(req, pools["prefill"], pools["decode"])
         except NoCapacityError as e:

@@ -65,6 +65,17 @@ class WorkerState:
         )
 
 
+@dataclass(frozen=True)
+class PoolView:
+    """One role's workers as of the last poll, for the per-request path: computed once per poll
+    (or when a worker is marked down), not once per request."""
+
+    states: list[WorkerState]
+    ids: list[str]  # the states' worker ids, in the same order
+    by_load: list[str]  # healthy worker ids, least loaded first (queued + running in their Stats)
+    layout_errors: dict[str, str]  # address -> why it must not be chosen
+
+
 @dataclass
 class WorkerRegistry:
     channels: ChannelPool
@@ -77,6 +88,26 @@ class WorkerRegistry:
     def __post_init__(self) -> None:
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self._views: dict[str, PoolView] | None = None
+        self._block_size = 16
+
+    def pool(self, role: str) -> PoolView:
+        if self._views is None:
+            self.refresh_views()
+        assert self._views is not None
+        return self._views[role]
+
+    def refresh_views(self) -> None:
+        errors = self.layout_errors()
+        views = {}
+        for role in ("prefill", "decode"):
+            states = [w for w in self.workers.values() if w.role == role]
+            healthy = [w for w in states if w.healthy and w.stats is not None]
+            healthy.sort(key=lambda w: (w.stats.waiting + w.stats.running, w.worker_id))
+            views[role] = PoolView(states, [w.worker_id for w in states], [w.worker_id for w in healthy], errors)
+        self._views = views
+        ref = self.reference_layout()
+        self._block_size = ref.block_size if ref is not None else 16
 
     async def start(self) -> None:
         await self.poll_once()
@@ -97,6 +128,7 @@ class WorkerRegistry:
         for w in self.workers.values():
             if w.address == address:
                 w.healthy, w.error = False, reason
+        self.refresh_views()
 
     def healthy(self, role: str) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.role == role and w.healthy]
@@ -110,8 +142,10 @@ class WorkerRegistry:
         return None
 
     def block_size(self) -> int:
-        ref = self.reference_layout()
-        return ref.block_size if ref is not None else 16
+        """Tokens per KV block of the decode pool, as of the last poll."""
+        if self._views is None:
+            self.refresh_views()
+        return self._block_size
 
     def layout_errors(self) -> dict[str, str]:
         """address -> why that worker must not be chosen (wrong model, or a layout that differs)."""
@@ -138,6 +172,7 @@ class WorkerRegistry:
             for w in self.workers.values():
                 if w.healthy and w.stats:
                     self.watcher.watch(w.worker_id, w.address, w.events_stream)
+        self.refresh_views()
 
     async def _reconcile(self, members: list[Member]) -> None:
         wanted = {(m.role, m.address): m for m in members}

@@ -1,4 +1,5 @@
-"""A real redis-server on a free loopback port, for the tests that need the registry."""
+"""A redis-server of our own on a free port: for the tests and benchmarks that need a registry, and
+for `kvrelay ray up` when no registry URL is given."""
 
 from __future__ import annotations
 
@@ -15,15 +16,17 @@ from kvrelay.launcher import free_port
 
 
 @contextmanager
-def redis_server(workdir: str, password: str | None = None, tls: bool = False) -> Iterator[str]:
+def redis_server(
+    workdir: str, password: str | None = None, tls: bool = False, host: str = "127.0.0.1"
+) -> Iterator[str]:
     """A redis-server on a free port; with `password`, clients must authenticate (it is in the URL);
     with `tls`, it speaks only TLS, with a certificate from a throwaway CA (`rediss://` URL that
     names the CA file)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed; run `make setup` (apt-get install -y redis-server)")
-    port = free_port()
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
+    port = free_port(host)
+    args = ["--port", str(port), "--bind", host, "--save", "", "--appendonly", "no", "--dir", workdir]
     query = ""
     if tls:
         from bench.tls_ca import TestCA
@@ -32,7 +35,7 @@ def redis_server(workdir: str, password: str | None = None, tls: bool = False) -
         cert, key = ca.issue("redis")
         args = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key)]
         args += ["--tls-ca-cert-file", str(ca.ca_file), "--tls-auth-clients", "no"]
-        args += ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
+        args += ["--bind", host, "--save", "", "--appendonly", "no", "--dir", workdir]
         query = f"?ssl_ca_certs={ca.ca_file}"
     proc = subprocess.Popen(
         [binary, *args] + (["--requirepass", password] if password else []),
@@ -41,7 +44,7 @@ def redis_server(workdir: str, password: str | None = None, tls: bool = False) -
     )
     scheme = "rediss" if tls else "redis"
     auth = f":{password}@" if password else ""
-    url = f"{scheme}://{auth}127.0.0.1:{port}/0{query}"
+    url = f"{scheme}://{auth}{host}:{port}/0{query}"
     try:
         client = redis.Redis.from_url(url)
         deadline = time.monotonic() + 10

@@ -49,7 +49,10 @@ class Announcer:
                 await self._task
             self._task = None
         try:
-            await self.client.delete(self.keys.worker(self.record.worker_id), self.record.events_stream)
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.delete(self.keys.worker(self.record.worker_id), self.record.events_stream)
+                pipe.srem(self.keys.index, self.record.worker_id)
+                await pipe.execute()
         except (RedisError, OSError) as e:
             log.warning("could not deregister %s (its record will expire): %s", self.record.worker_id, e)
         else:
@@ -58,6 +61,7 @@ class Announcer:
     async def _beat(self) -> None:
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.set(self.keys.worker(self.record.worker_id), self.record.encode(), px=self.ttl_ms)
+            pipe.sadd(self.keys.index, self.record.worker_id)  # gateways find the record through this
             if self.record.events_stream:
                 pipe.pexpire(self.record.events_stream, self.ttl_ms)
             await pipe.execute()

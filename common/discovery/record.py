@@ -2,6 +2,9 @@
 
 Keys (all under one prefix, "kvrelay" by default):
   {prefix}:worker:{worker_id}                  JSON WorkerRecord, expires unless heartbeats renew it
+  {prefix}:workers                             Set of the worker ids that may have a record: what
+                                               gateways read instead of SCANning the keyspace (a
+                                               SCAN walks every key of the database on each poll)
   {prefix}:kv-events:{worker_id}:{incarnation} Redis Stream of the worker's KV block events
 A restarted worker gets a new incarnation, hence a fresh stream, so readers never mistake its
 restarted sequence numbers for replays.
@@ -62,6 +65,10 @@ class RegistryKeys:
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}"
+
+    @property
+    def index(self) -> str:
+        return f"{self.prefix}:workers"
 
     @property
     def worker_pattern(self) -> str:

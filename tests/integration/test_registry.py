@@ -22,9 +22,9 @@ from common.discovery.event_stream import decode_entry
 from common.discovery.record import RegistryKeys, WorkerRecord
 from common.rpc import worker_pb2, worker_pb2_grpc
 from kvrelay.launcher import Cluster, free_port, free_worker_ports
+from kvrelay.redis_server import redis_server
 from tests.integration.client import routed
 from tests.integration.conftest import check_no_kv_held, force_pd_config, wait_until_gateway_follows
-from tests.redis_server import redis_server
 from tests.waiting import async_wait_for, wait_for
 
 KEYS = RegistryKeys()
@@ -317,8 +317,9 @@ def test_a_record_not_signed_with_the_deployment_secret_is_ignored(reg_cluster, 
     canary = real.model_copy(update={"worker_id": "canary", "address": "127.0.0.1:11"}).signed(
         secret.read_bytes().strip()
     )
-    for rec in (impostor, forged, canary):
+    for rec in (impostor, forged, canary):  # written as a worker would: the record and the index entry
         rc.set(KEYS.worker(rec.worker_id), rec.encode(), ex=60)
+        rc.sadd(KEYS.index, rec.worker_id)
 
     def listed() -> set[str]:
         pools = httpx.get(f"{url}/ready", timeout=5).json()["workers"]

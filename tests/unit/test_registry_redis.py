@@ -66,8 +66,10 @@ def test_heartbeat_keeps_the_record_and_deregister_removes_it(redis_url):
         await asyncio.sleep(1.2)  # two TTLs: only heartbeats keep it
         assert WorkerRecord.decode(await client.get(KEYS.worker("d1"))).worker_id == "d1"
         assert 0 < await client.pttl(KEYS.worker("d1")) <= 600
+        assert await client.smembers(KEYS.index) == {b"d1"}  # how gateways find it, without a SCAN
         await ann.deregister()
         assert await client.get(KEYS.worker("d1")) is None
+        assert not await client.smembers(KEYS.index)
         await client.aclose()
 
     asyncio.run(run())
@@ -98,7 +100,11 @@ def test_discovery_lists_live_records_and_survives_an_outage(redis_url):
         await client.set(KEYS.worker("p1"), record("p1", "prefill", "127.0.0.1:2").encode())
         await client.set(KEYS.worker("d1"), record("d1").encode())
         await client.set(KEYS.worker("bad"), b'{"worker_id": "bad"}')  # malformed: ignored
+        await client.set(KEYS.worker("gone"), record("gone").encode(), px=1)  # expires before it is read
+        await client.sadd(KEYS.index, "p1", "d1", "bad", "gone")
         await client.set("other:worker:x", record("x").encode())  # another deployment's prefix
+        await client.sadd("other:workers", "x")
+        await asyncio.sleep(0.01)
         disc = RedisDiscovery(client, KEYS, prefill=[], decode=["127.0.0.1:9"])
         got = await disc.members()
         assert {(m.role, m.address) for m in got} == {
@@ -107,6 +113,7 @@ def test_discovery_lists_live_records_and_survives_an_outage(redis_url):
             ("decode", "127.0.0.1:9"),
         }
         assert Member("decode", "127.0.0.1:1", KEYS.events("d1", "abc")) in got
+        assert await client.smembers(KEYS.index) == {b"p1", b"d1", b"bad"}  # the expired one left the index
         await client.shutdown(nosave=True)  # the registry goes away: the last known set is kept
         assert {m.address for m in await disc.members()} == {m.address for m in got}
         await disc.close()

@@ -47,6 +47,13 @@ TOKEN_GAP = Gauge(
 )
 RUNNING = Gauge("kvrelay_gateway_requests_running", "Requests being served")
 WORKERS_UP = Gauge("kvrelay_gateway_workers_up", "Workers answering health checks", ["role"])
+# What each pool is doing, from the Stats the gateway polls: the signals the pool planner and
+# KEDA scale on (gateway/planner/).
+POOL_RUNNING = Gauge("kvrelay_gateway_pool_running", "Sequences running on the pool's healthy workers", ["role"])
+POOL_WAITING = Gauge("kvrelay_gateway_pool_waiting", "Sequences queued on the pool's healthy workers", ["role"])
+POOL_KV_USAGE = Gauge(
+    "kvrelay_gateway_pool_kv_usage_ratio", "Mean fraction of KV blocks in use over the pool's healthy workers", ["role"]
+)
 ROUTED = Counter("kvrelay_gateway_routed_total", "Requests by serving mode", ["mode"])
 DECISIONS = Counter("kvrelay_gateway_schedule_decisions_total", "Routing decisions", ["outcome", "reason"])
 CHOSEN = Counter(

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.lifecycle import Lifecycle
-from gateway.metrics import WORKERS_UP
+from gateway.metrics import POOL_KV_USAGE, POOL_RUNNING, POOL_WAITING, WORKERS_UP
 from gateway.registry import WorkerRegistry
 
 
@@ -44,5 +44,14 @@ def add_ops_routes(app: FastAPI, registry: WorkerRegistry, lifecycle: Lifecycle)
     @app.get("/metrics")
     async def metrics() -> Response:
         for role in ("prefill", "decode"):
-            WORKERS_UP.labels(role).set(len(registry.healthy(role)))
+            export_pool_gauges(role, registry)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def export_pool_gauges(role: str, registry: WorkerRegistry) -> None:
+    healthy = [w for w in registry.healthy(role) if w.stats is not None]
+    WORKERS_UP.labels(role).set(len(registry.healthy(role)))
+    POOL_RUNNING.labels(role).set(sum(w.stats.running for w in healthy))
+    POOL_WAITING.labels(role).set(sum(w.stats.waiting for w in healthy))
+    usage = [1 - w.stats.free_blocks / w.stats.total_blocks for w in healthy if w.stats.total_blocks]
+    POOL_KV_USAGE.labels(role).set(sum(usage) / len(usage) if usage else 0.0)

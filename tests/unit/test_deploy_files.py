@@ -1,6 +1,7 @@
-"""compose/ and k8s/ checked statically (no container engine here): every file parses, every
-command line is one the kvrelay CLI accepts, every KVRELAY_* variable is a real setting, every
-mounted or generated file exists, and selectors match the pods they are meant to select."""
+"""compose/ and k8s/ speak the kvrelay CLI: every command line a container runs is one the CLI
+accepts, and every KVRELAY_* variable it is given is a real setting that validates. Checked on the
+rendered Kubernetes manifests and on the compose file (the other test_k8s_* and test_compose_*
+modules check probes, security, policies and the rest)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ import yaml
 
 from common.settings import GatewaySettings, WorkerSettings, load_settings, unknown_env_vars
 from kvrelay.cli import app
+from tests.unit.test_k8s_render import by_kind, container, pod_templates, render
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
-K8S = ROOT / "k8s" / "base"
 CLI = typer.main.get_command(app)
+ROLES = ("prefill", "decode", "gateway")
+# What the kubelet fills in from the downward API or a Secret, as plausible stand-ins.
+FROM_FIELD = {"status.podIP": "10.0.0.1", "metadata.name": "decode-7d9f-abcde", "metadata.namespace": "kvrelay"}
+FROM_SECRET = {("kvrelay-redis", "url"): "redis://:pw@redis:6379/0"}
 
 
 def check_command(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,88 +39,82 @@ def check_command(args: list[str], env: dict[str, str], monkeypatch: pytest.Monk
         monkeypatch.setenv(k, v)
     cls = GatewaySettings if role == "gateway" else WorkerSettings
     assert not unknown_env_vars(cls, env), f"{role}: variables that name no setting"
-    flags = {k: v for k, v in ctx.params.items() if k not in ("config", "log_level") and v not in (None, [], ())}
+    flags = {
+        k: v
+        for k, v in ctx.params.items()
+        if k not in ("config", "log_level", "log_format") and v not in (None, [], ())
+    }
     if role == "gateway":
-        load_settings(GatewaySettings, **flags)
+        s = load_settings(GatewaySettings, **flags)
     else:
         engine = {k: flags.pop(k) for k in ("model", "threads", "kv_cache_mb", "block_size") if k in flags}
         s = load_settings(WorkerSettings, role=role, engine=engine, **flags)
-        assert s.registry, f"{role} must register so the pools can scale independently"
+    assert s.registry, f"{role} must use the registry so the pools scale independently"
 
 
-def test_compose_file(monkeypatch):
-    doc = yaml.safe_load(COMPOSE.read_text())
-    services = doc["services"]
-    assert {"redis", "prefill", "decode", "gateway", "prometheus", "grafana", "otel-collector", "jaeger"} <= set(
-        services
-    )
-    for name in ("prefill", "decode", "gateway"):
-        svc = services[name]
-        assert (ROOT / "compose" / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
-        check_command(svc["command"], {k: str(v) for k, v in svc["environment"].items()}, monkeypatch)
-    for svc in services.values():
-        for dep in svc.get("depends_on", []):
-            assert dep in services
-        for vol in svc.get("volumes", []):
-            src = vol.split(":")[0]
-            assert (COMPOSE.parent / src).exists(), f"{src} is mounted but does not exist"
-    grace = int(services["decode"]["stop_grace_period"].rstrip("s"))
-    assert grace > WorkerSettings().drain_timeout_s
-
-
-def k8s_docs() -> list[dict]:
-    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    docs = []
-    for res in kust["resources"]:
-        docs += [d for d in yaml.safe_load_all((K8S / res).read_text()) if d]
-    for gen in kust["configMapGenerator"]:
-        for f in gen["files"]:
-            assert (K8S / f.split("=")[-1]).is_file(), f
-    return docs
-
-
-def test_k8s_manifests(monkeypatch):
-    docs = k8s_docs()
-    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    for want in ("prefill", "decode", "gateway", "redis"):
-        assert ("Deployment", want) in kinds
-    pods = {}
-    for d in docs:
-        assert d["apiVersion"] and d["metadata"]["name"]
-        if d["kind"] != "Deployment":
+def k8s_env(c: dict) -> dict[str, str]:
+    env = {}
+    for e in c.get("env", []):
+        if not e["name"].startswith("KVRELAY_"):
             continue
-        spec = d["spec"]
-        labels = spec["template"]["metadata"]["labels"]
-        assert spec["selector"]["matchLabels"].items() <= labels.items(), d["metadata"]["name"]
-        pods[d["metadata"]["name"]] = (labels, spec["template"]["spec"])
-    for d in docs:
-        if d["kind"] == "Service":
-            assert any(d["spec"]["selector"].items() <= lbl.items() for lbl, _ in pods.values()), d["metadata"]["name"]
-    for name in ("prefill", "decode", "gateway"):
-        _, pod = pods[name]
-        c = pod["containers"][0]
-        env = {e["name"]: e.get("value", "10.0.0.1") for e in c.get("env", [])}
-        check_command(c["args"], env, monkeypatch)
-        if name != "gateway":
-            assert "KVRELAY_ADVERTISE_HOST" in env, "workers must advertise their pod IP"
-            assert pod["terminationGracePeriodSeconds"] > WorkerSettings().drain_timeout_s
-    # the collector config the k8s Deployment mounts is the one the test suite validates
-    assert (K8S / "observability" / "otel-collector.yaml").is_file()
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif "fieldRef" in e["valueFrom"]:
+            env[e["name"]] = FROM_FIELD[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            ref = e["valueFrom"]["secretKeyRef"]
+            env[e["name"]] = FROM_SECRET[(ref["name"], ref["key"])]
+    return env
 
 
-def test_k8s_overlays_patch_what_exists():
-    names = {d["metadata"]["name"] for d in k8s_docs()}
-    for overlay in ("cpu", "gpu"):
-        kust = yaml.safe_load((K8S.parent / "overlays" / overlay / "kustomization.yaml").read_text())
-        assert kust["resources"] == ["../../base"]
-        for patch in kust.get("patches", []):
-            assert patch["target"]["name"] in names
-            ops = yaml.safe_load((K8S.parent / "overlays" / overlay / patch["path"]).read_text())
-            assert all(op["op"] in ("add", "replace", "remove") and op["path"].startswith("/spec/") for op in ops)
+@pytest.mark.parametrize("name", ["cpu", "gpu", "cpu+gateway-https", "gpu+prometheus-operator+keda+gateway-https"])
+def test_k8s_containers_run_valid_commands(name, monkeypatch):
+    docs = render(name)
+    for role in ROLES:
+        c = container(docs, role)
+        assert c["args"][0] == role
+        check_command(c["args"], k8s_env(c), monkeypatch)
+
+
+def test_k8s_selectors_match_their_pods():
+    docs = render("cpu")
+    pods = pod_templates(docs)
+    for name, d in by_kind(docs, "Deployment").items():
+        assert d["spec"]["selector"]["matchLabels"].items() <= pods[name]["metadata"]["labels"].items(), name
+    for name, svc in by_kind(docs, "Service").items():
+        matched = [p for p in pods.values() if svc["spec"]["selector"].items() <= p["metadata"]["labels"].items()]
+        assert matched, f"Service {name} selects no pod"
+        for port in svc["spec"]["ports"]:
+            target = port["targetPort"]
+            names = {p.get("name") for c in matched[0]["spec"]["containers"] for p in c.get("ports", [])}
+            assert isinstance(target, int) or target in names, f"Service {name}: no port named {target}"
+
+
+def test_k8s_patches_set_real_settings():
+    for kust in (ROOT / "k8s").rglob("kustomization.yaml"):
+        for patch in yaml.safe_load(kust.read_text()).get("patches", []):
+            ops = yaml.safe_load((kust.parent / patch["path"]).read_text())
+            cls = GatewaySettings if patch["target"]["name"] == "gateway" else WorkerSettings
             for op in ops:
                 value = op.get("value")
                 if isinstance(value, dict) and str(value.get("name", "")).startswith("KVRELAY_"):
-                    assert not unknown_env_vars(WorkerSettings, {value["name"]: value["value"]})
+                    assert not unknown_env_vars(cls, {value["name"]: value["value"]}), f"{kust}: {value['name']}"
+
+
+def test_compose_services_run_valid_commands(monkeypatch):
+    doc = yaml.safe_load(COMPOSE.read_text())
+    services = doc["services"]
+    for role in ROLES:
+        svc = services[role]
+        assert (COMPOSE.parent / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
+        entrypoint = " ".join(svc["entrypoint"])
+        assert "export KVRELAY_REGISTRY=" in entrypoint, "the entrypoint sets the registry (test_compose_config)"
+        env = {k: str(v) for k, v in svc["environment"].items()}
+        check_command(svc["command"], {**env, "KVRELAY_REGISTRY": "redis://:pw@redis:6379/0"}, monkeypatch)
+    for svc in services.values():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            assert (COMPOSE.parent / src).exists(), f"{src} is mounted but does not exist"
 
 
 def test_a_bad_command_line_is_caught(monkeypatch):

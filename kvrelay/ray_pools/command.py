@@ -80,7 +80,11 @@ def up(
     decode: int = typer.Option(1, help="decode workers"),
     gateway: int = typer.Option(1, help="gateways"),
     model: str = typer.Option(None, help="GGUF file or safetensors directory, at this path on every node"),
-    registry: str = typer.Option(None, help="redis:// URL of the registry (default: a redis-server started here)"),
+    registry: str = typer.Option(
+        None,
+        envvar="KVRELAY_REGISTRY",
+        help="redis:// URL of the registry (default: a password-protected redis-server started here)",
+    ),
     host: str = typer.Option(None, help="address members listen on (default: each node's IP)"),
     transfer: str = typer.Option("grpc", help="KV transfer backend of the workers: grpc or nixl"),
     prefill_cpus: float = typer.Option(1.0, help="Ray CPUs (and engine threads) per prefill worker"),

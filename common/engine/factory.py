@@ -11,8 +11,8 @@ import torch
 
 from common.config import EngineConfig
 from common.engine.llm_engine import LLMEngine
-from common.model.loader import load_model
-from common.model_source import open_gguf, resolve_model
+from common.model.loader import gguf_is_quantized, load_model
+from common.model_source import ModelSource, open_gguf, resolve_model
 from common.tokenizer import Tokenizer
 
 
@@ -21,9 +21,20 @@ def build_engine(config: EngineConfig, progress: bool = True) -> LLMEngine:
         torch.set_num_threads(config.threads)
     source = resolve_model(config.model)
     tokenizer = Tokenizer.from_source(source)
-    model = load_model(source, getattr(torch, config.resolved_dtype()), config.device, progress=progress)
+    quantization = resolve_quantization(config, source)
+    model = load_model(source, getattr(torch, config.resolved_dtype()), config.device, progress, quantization)
     _release_load_memory()
     return LLMEngine(model, config, source.model_id, tokenizer)
+
+
+def resolve_quantization(config: EngineConfig, source: ModelSource) -> str:
+    """`auto`: fp16 on CPU (float32 compute) for a GGUF file whose weights are stored quantized (they
+    carry no more precision than fp16 keeps); none for safetensors and on CUDA (bf16 is fast there).
+    int8 only when asked for: it is faster but changes a small model's answers (common/model/quant.py)."""
+    if config.quantization != "auto":
+        return config.quantization
+    on_cpu_fp32 = config.device == "cpu" and config.resolved_dtype() == "float32"
+    return "fp16" if on_cpu_fp32 and source.kind == "gguf" and gguf_is_quantized(source) else "none"
 
 
 def _release_load_memory() -> None:

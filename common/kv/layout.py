@@ -1,6 +1,10 @@
 """The description of a worker's KV cache that two workers compare before exchanging blocks.
 
 torch-free on purpose: the gateway checks layout compatibility when it picks workers.
+
+The weight format a worker serves (EngineConfig.quantization: none, fp16, int8) is not part of the
+layout: the cache always holds K/V in the compute dtype, so workers with different weight formats
+exchange blocks as they are (the K/V values differ only as much as their weights do).
 """
 
 from __future__ import annotations

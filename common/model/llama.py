@@ -1,7 +1,10 @@
 """A Llama-family decoder (Llama 2/3, SmolLM, Mistral, Qwen2) in plain torch over a paged KV cache.
 
 Projections are fused (q|k|v and gate|up) at load time: fewer, larger matmuls cost less Python
-and dispatch overhead per layer, which dominates single-stream decode on a CPU.
+and dispatch overhead per layer, which dominates single-stream decode on a CPU. With
+`quantization` "fp16" or "int8", every projection, the embedding and the output head hold packed
+weights (common/model/quant.py); norms, RoPE and the KV cache stay in the compute dtype, so the
+KV layout, and what moves between workers, does not depend on it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import nn
 from common.kv.cache import KVCache
 from common.model.attention import AttentionMetadata, paged_attention
 from common.model.config import ModelConfig
+from common.model.quant import CompactEmbedding, PackedLinear, packed_modules
 from common.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -31,6 +35,12 @@ class Linear(nn.Module):
         return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
 
 
+def make_linear(in_features: int, out_features: int, bias: bool, quantization: str) -> nn.Module:
+    if quantization == "none":
+        return Linear(in_features, out_features, bias)
+    return PackedLinear(in_features, out_features, bias, quantization)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -42,13 +52,13 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, quantization: str = "none") -> None:
         super().__init__()
         self.layer = layer
         self.nq, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = self.nq * self.hd, self.nkv * self.hd
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size)
+        self.qkv_proj = make_linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias, quantization)
+        self.o_proj = make_linear(self.q_size, cfg.hidden_size, False, quantization)
         self.scale = self.hd**-0.5
 
     def forward(
@@ -67,11 +77,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, quantization: str = "none") -> None:
         super().__init__()
         self.inter = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_up_proj = make_linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, quantization)
+        self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, False, quantization)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
@@ -79,12 +89,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, quantization: str = "none") -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = Attention(cfg, layer, quantization)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, quantization)
 
     def forward(self, x, rope, cache, meta):  # noqa: ANN001 - hot path, types as in Attention
         x = x + self.self_attn(self.input_layernorm(x), rope, cache, meta)
@@ -99,17 +109,24 @@ _FUSED = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+_PARTS = {"qkv_proj": 3, "gate_up_proj": 2}
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, quantization: str = "none") -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.quantization = quantization
+        packed = quantization != "none"
+        h, vocab = cfg.hidden_size, cfg.vocab_size
+        self.embed_tokens = CompactEmbedding(vocab, h, quantization) if packed else nn.Embedding(vocab, h)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, quantization) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = RotaryEmbedding(cfg)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if packed:  # tied or not, the head is a packed linear (over the embedding's values when tied)
+            self.lm_head: nn.Module | None = PackedLinear(h, vocab, False, quantization)
+        else:
+            self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(h, vocab, bias=False)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, meta: AttentionMetadata
@@ -122,42 +139,59 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.lm_head, PackedLinear):
+            return self.lm_head(hidden.float())
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors in, fusing q/k/v and gate/up. Raises on missing or unknown names."""
+        """Copy HF-named tensors in, fusing q/k/v and gate/up as soon as a layer's parts are all in
+        (so no more than one layer's shards are held at once). Raises on missing or unknown names."""
         params = dict(self.named_parameters())
+        quantized = {f"{n}.weight": m for n, m in packed_modules(self).items()}
+        tied_head = self.config.tie_word_embeddings and isinstance(self.lm_head, PackedLinear)
+        if tied_head:
+            del quantized["lm_head.weight"]  # filled from the embedding
+        expected = set(params) | set(quantized)
         shards: dict[str, dict[int, torch.Tensor]] = {}
         loaded: set[str] = set()
         for name, tensor in weights:
             name = name.removeprefix("model.")
-            if name == "lm_head.weight" and self.lm_head is None:
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # tied: the embedding serves as the output projection
             if "rotary_emb" in name:
                 continue
             *prefix, proj, kind = name.split(".")
             if proj in _FUSED:
                 fused, idx = _FUSED[proj]
-                shards.setdefault(".".join([*prefix, fused, kind]), {})[idx] = tensor
-                continue
-            self._copy(params, name, tensor)
+                target = ".".join([*prefix, fused, kind])
+                parts = shards.setdefault(target, {})
+                parts[idx] = tensor
+                if len(parts) < _PARTS[fused]:
+                    continue
+                name, tensor = target, torch.cat([parts[i] for i in sorted(parts)], dim=0)
+                del shards[target]
+            self._copy(params, quantized, name, tensor)
             loaded.add(name)
-        for name, parts in shards.items():
-            self._copy(params, name, torch.cat([parts[i] for i in sorted(parts)], dim=0))
-            loaded.add(name)
-        missing = sorted(set(params) - loaded)
+            if tied_head and name == "embed_tokens.weight":
+                self.lm_head.set_weight(tensor)
+        if shards:
+            raise ValueError(f"weights are missing parts of {sorted(shards)[:3]}")
+        missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"weights are missing {len(missing)} tensors, e.g. {missing[:3]}")
 
-    def _copy(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> None:
+    def _copy(self, params: dict[str, nn.Parameter], quantized: dict, name: str, t: torch.Tensor) -> None:
+        if name in quantized:
+            quantized[name].set_weight(t)  # type: ignore[operator]
+            return
         if name not in params:
             raise ValueError(f"unexpected weight {name!r} for a Llama-family model")
         p = params[name]
         owner = self.get_submodule(name.rsplit(".", 1)[0])
         if isinstance(owner, Linear) and name.endswith(".weight"):
-            tensor = tensor.t()  # checkpoints store [out, in]
-        if tuple(p.shape) != tuple(tensor.shape):
-            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(p.shape)}")
-        p.copy_(tensor.to(p.dtype))
+            t = t.t()  # checkpoints store [out, in]
+        if tuple(p.shape) != tuple(t.shape):
+            raise ValueError(f"weight {name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+        p.copy_(t.to(p.dtype))

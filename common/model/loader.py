@@ -30,14 +30,22 @@ _GGUF_TOP_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output"
 
 
 def load_model(
-    source: ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu", progress: bool = True
+    source: ModelSource,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    progress: bool = True,
+    quantization: str = "none",
 ) -> LlamaForCausalLM:
+    """Tensor by tensor: each is dequantized (GGUF) or read (safetensors), copied in (or quantized)
+    and dropped, so the full-precision model never exists in memory when serving int8."""
+    if quantization != "none" and (device != "cpu" or dtype != torch.float32):
+        raise ModelLoadError(f"{quantization} weights are served on CPU with float32 compute only")
     if source.kind == "gguf":
         cfg, weights, count = _gguf(source)
     else:
         cfg, weights, count = _safetensors(source)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(cfg, quantization)
     model = model.to_empty(device=device).to(dtype)
     model.rope = RotaryEmbedding(cfg).to(device)  # computed buffers: build them for real, off meta
     with Progress(disable=not progress, transient=True) as bar:
@@ -50,6 +58,14 @@ def load_model(
 
         model.load_weights(ticking())
     return model.eval()
+
+
+def gguf_is_quantized(source: ModelSource) -> bool:
+    """Whether the file's matrices are stored below 16 bits (then serving int8 loses little more)."""
+    from gguf import GGMLQuantizationType
+
+    full = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+    return any(t.tensor_type not in full for t in open_gguf(source.path).tensors if len(t.shape) == 2)
 
 
 def _gguf(source: ModelSource) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]], int]:

@@ -27,7 +27,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = build_engine(EngineConfig(threads=2), progress=False)
+    eng = build_engine(EngineConfig(threads=2, quantization="none"), progress=False)
     yield eng
     assert_no_leaks(eng)
 

@@ -6,11 +6,7 @@ import json
 import pytest
 import torch
 
-from common.engine.sampling import SamplingParams
-from common.engine.sequence import Sequence
-from common.kv.block_manager import BlockManager
-from common.kv.cache import KVCache
-from common.kv.layout import KVLayout
+from common.engine.scoring import prompt_logits
 from common.model.loader import load_model
 from common.model_source import resolve_model
 
@@ -47,22 +43,8 @@ def pair(request, tmp_path_factory):
 
 
 def all_logits(model, tokens: list[int]) -> torch.Tensor:
-    """Logits at every position from one paged prefill."""
-    from common.engine.model_runner import ModelRunner
-
-    cfg = model.config
-    layout = KVLayout("t", "float32", 4, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
-    cache = KVCache(layout, 64)
-    bm = BlockManager(64, 4)
-    seq = Sequence("r", tokens, SamplingParams())
-    bm.allocate(seq)
-    runner = ModelRunner(model, cache)
-    ids, pos, meta, _, _ = runner.prepare_inputs([(seq, len(tokens))])
-    with torch.inference_mode():
-        out = model.logits(model(ids, pos, cache, meta))
-    bm.free(seq)
-    assert bm.leaks() == []
-    return out
+    """Logits at every position from one paged prefill (block size 4: several blocks per prompt)."""
+    return prompt_logits(model, tokens, block_size=4)
 
 
 def test_logits_match_transformers(pair):

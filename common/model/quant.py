@@ -1,0 +1,104 @@
+"""Weights served in fewer bytes on CPU: a decode step reads every weight once, so it is bound by
+memory bandwidth, and smaller weights move fewer bytes.
+
+Both formats use fbgemm kernels that torch ships, no kernel of our own:
+- `fp16`: weights stored as float16 and packed (`quantized::linear_prepack_fp16`), activations and
+  accumulation in fp32. Half the bytes of fp32, and on SmolLM2 the same answers (top-1 agreement
+  with fp32 above 99.7%, KL ~1e-5 over 1,000 positions of real text).
+- `int8`: weights int8 per output channel, activations quantized per tensor at each call
+  (`quantized::linear_dynamic`). A quarter of the bytes and the fastest, but per-tensor activation
+  scales cannot follow the outlier channels of a small LLM's activations: on SmolLM2 top-1
+  agreement falls to ~58% (KL ~1.0). Offered for models that tolerate it; measure first
+  (`kvrelay bench engine` reports agreement and KL per mode).
+The embedding is kept in the same format (int8 rows with a scale each, or float16 rows): a lookup
+converts only the rows it reads. The output head is a packed linear over the same values.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+QUANTIZATIONS = ("none", "fp16", "int8")
+
+
+def int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of a [rows, cols] tensor: (int8 values, fp32 scale per row)."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class PackedLinear(nn.Module):
+    """y = x Wᵀ (+ b) with W packed for fbgemm as `fp16` or `int8`; filled by `set_weight` at load."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, fmt: str = "fp16") -> None:
+        super().__init__()
+        if fmt not in ("fp16", "int8"):
+            raise ValueError(f"unknown weight format {fmt!r}")
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._packed: torch.ScriptObject | None = None
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """`weight` as checkpoints store it, [out, in]; any float dtype."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(weight.shape)}, expected {(self.out_features, self.in_features)}")
+        if self.fmt == "fp16":
+            self._packed = torch.ops.quantized.linear_prepack_fp16(weight.float().contiguous(), None)
+            return
+        q, scale = int8_per_channel(weight)
+        zero = torch.zeros(q.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():  # fbgemm takes its int8 weights as a quantized tensor, which torch flags
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+        self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt == "fp16":
+            y = torch.ops.quantized.linear_dynamic_fp16(x, self._packed)
+        else:  # reduce_range: 7-bit activations, so fbgemm's 16-bit pair sums cannot saturate on AVX2
+            y = torch.ops.quantized.linear_dynamic(x, self._packed, True)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The [out, in] fp32 weight this layer computes with (the tests' reference)."""
+        if self.fmt == "fp16":
+            return torch.ops.quantized.linear_unpack_fp16(self._packed)[0].float()
+        return torch.ops.quantized.linear_unpack(self._packed)[0].dequantize()
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, fmt={self.fmt}, bias={self.bias is not None}"
+
+
+class CompactEmbedding(nn.Module):
+    """Token embeddings as float16 rows, or int8 rows with a scale each; a lookup converts only its rows."""
+
+    def __init__(self, num_embeddings: int, dim: int, fmt: str = "fp16") -> None:
+        super().__init__()
+        self.num_embeddings, self.dim, self.fmt = num_embeddings, dim, fmt
+        self.register_buffer("table", torch.empty(0, dtype=torch.int8 if fmt == "int8" else torch.float16), False)
+        self.register_buffer("scale", torch.empty(0), persistent=False)
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        if tuple(weight.shape) != (self.num_embeddings, self.dim):
+            raise ValueError(f"embedding of shape {tuple(weight.shape)}, expected {(self.num_embeddings, self.dim)}")
+        if self.fmt == "int8":
+            self.table, self.scale = int8_per_channel(weight)
+        else:
+            self.table = weight.to(torch.float16)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.table[ids].float()
+        return rows * self.scale[ids].unsqueeze(-1) if self.fmt == "int8" else rows
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.table.float() * self.scale[:, None] if self.fmt == "int8" else self.table.float()
+
+
+def packed_modules(model: nn.Module) -> dict[str, PackedLinear | CompactEmbedding]:
+    """Name -> module of every layer whose weight is packed (what `load_weights` fills)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear | CompactEmbedding)}

@@ -12,14 +12,16 @@ bench_app = typer.Typer(no_args_is_help=True, help="benchmarks (each takes --jso
 @bench_app.command("engine")
 def engine_cmd(
     model: str = typer.Option(None, help="GGUF file or safetensors directory"),
-    concurrency: str = typer.Option("1,8,32", help="decode concurrency levels"),
+    concurrency: str = typer.Option("1,8,32,64", help="decode concurrency levels"),
     new_tokens: int = typer.Option(128, help="tokens generated per request"),
     prefill_len: int = typer.Option(512, help="prompt length of the prefill measurement"),
     threads: int = typer.Option(None, help="torch threads (default: all cores)"),
+    modes: str = typer.Option("none,fp16,int8", help="weight formats to measure, each in its own process"),
+    quality: bool = typer.Option(True, help="top-1 agreement and KL against transformers fp32 on real text"),
     hf: bool = typer.Option(True, help="also time Hugging Face transformers generate on the same weights"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
 ) -> None:
-    """Engine throughput: decode tokens/s at several concurrencies, prefill tokens/s, HF baseline."""
+    """Engine throughput per weight format against the machine's bandwidth bound, RSS, and quality."""
     from bench.engine_bench import run_engine_bench
 
     result = run_engine_bench(
@@ -29,11 +31,10 @@ def engine_cmd(
         prefill_len=prefill_len,
         threads=threads,
         hf=hf,
+        modes=modes.split(","),
+        quality=quality,
     )
-    if as_json:
-        typer.echo(json.dumps(result))
-    else:
-        typer.echo(json.dumps(result, indent=2))
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 
 @bench_app.command("transfer")

@@ -1,106 +1,114 @@
-"""`kvrelay bench engine`: the engine alone, in-process, on the real model.
+"""`kvrelay bench engine`: the engine alone on the real model, for each weight format, against the
+machine's limits.
 
-decode_tok_s[c]: c requests with short chat prompts generate `new_tokens` each; the rate counts
-tokens after the first and the time after every request has its first token (the decode phase).
-prefill_tok_s: distinct `prefill_len`-token prompts, one at a time, max_tokens=1, no cache hits.
-hf_decode_tok_s: transformers generate, single stream, same weights, same decode-phase definition.
+Each format runs in a process of its own (so each peak RSS is its own): decode tokens/s at each
+concurrency, prefill tokens/s, peak RSS, the weight bytes a decode step reads. The machine's
+memory bandwidth is measured here (a large tensor read); a batch-1 decode step must read every
+weight once, so `bandwidth / bytes per step` bounds single-stream decode, and each format's batch-1
+rate is also reported as a fraction of its bound. A separate process measures each format's top-1
+agreement and KL divergence against transformers' fp32 logits on real text. The top-level keys
+describe the default format (what `auto` picks), as before.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
-import resource
 import subprocess
 import sys
 import time
 
+import torch
 from rich.progress import Progress
 
+from bench.engine_rates import TOPICS
 from common.config import EngineConfig
-from common.engine.factory import build_engine
-from common.engine.llm_engine import LLMEngine
-from common.engine.sampling import SamplingParams
+from common.engine.factory import resolve_quantization
 from common.model_source import resolve_model
-
-TOPICS = ["the sea", "a robot", "mountains", "a city at night", "bread", "a comet", "rain", "chess"]
-
-
-def _chat(engine: LLMEngine, i: int) -> list[int]:
-    topic = TOPICS[i % len(TOPICS)]
-    return engine.tokenizer.encode_chat([{"role": "user", "content": f"Write story {i} about {topic}."}])
+from common.tokenizer import Tokenizer
 
 
-def _decode_rate(engine: LLMEngine, concurrency: int, new_tokens: int, tag: str) -> float:
-    params = SamplingParams.create(max_tokens=new_tokens, ignore_eos=True)
-    for i in range(concurrency):
-        engine.add_request(f"{tag}-{i}", _chat(engine, i), params)
-    started: set[str] = set()
-    t_decode = None
-    while engine.has_unfinished():
-        for out in engine.step():
-            started.add(out.request_id)
-        if t_decode is None and len(started) == concurrency:
-            t_decode = time.perf_counter()
-    assert t_decode is not None
-    return concurrency * (new_tokens - 1) / (time.perf_counter() - t_decode)
+def _child(module: str, args: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-m", module, json.dumps(args)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _prefill_rate(engine: LLMEngine, prompt_len: int, count: int) -> float:
-    rng = random.Random(0)
-    vocab = engine.runner.model.config.vocab_size
-    params = SamplingParams.create(max_tokens=1)
-    tokens = 0
-    t0 = time.perf_counter()
-    for i in range(count):
-        engine.add_request(f"prefill-{i}", [rng.randrange(100, vocab) for _ in range(prompt_len)], params)
-        while engine.has_unfinished():
-            engine.step()
-        tokens += prompt_len
-    return tokens / (time.perf_counter() - t0)
-
-
-def _hf_rate(model: str | None, prompt_ids: list[int], new_tokens: int, threads: int | None) -> float:
+def _hf_rate(model: str | None, new_tokens: int, threads: int) -> float:
+    """transformers `generate` on the same file, single stream, the same prompt as concurrency 1."""
     src = resolve_model(model)
-    args = {
-        "dir": str(src.path.parent),
-        "file": src.path.name,
-        "prompt_ids": prompt_ids,
-        "new_tokens": new_tokens,
-        "threads": threads,
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.hf_baseline", json.dumps(args)], capture_output=True, text=True, check=True
-    )
-    return json.loads(proc.stdout.strip().splitlines()[-1])["hf_decode_tok_s"]
+    tokenizer = Tokenizer.from_source(src)
+    prompt = tokenizer.encode_chat([{"role": "user", "content": f"Write story 0 about {TOPICS[0]}."}])
+    args = {"dir": str(src.path.parent), "file": src.path.name, "prompt_ids": prompt}
+    return _child("bench.hf_baseline", {**args, "new_tokens": new_tokens, "threads": threads})["hf_decode_tok_s"]
+
+
+def memory_bandwidth_gbps(threads: int, mb: int = 1024, repeats: int = 5) -> float:
+    """Best of `repeats` full reads of an `mb` MiB fp32 tensor (a sum: one pass, no writes)."""
+    torch.set_num_threads(threads)
+    x = torch.ones(mb * 2**20 // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
 
 
 def run_engine_bench(
-    model: str | None, concurrency: list[int], new_tokens: int, prefill_len: int, threads: int | None, hf: bool
+    model: str | None,
+    concurrency: list[int],
+    new_tokens: int,
+    prefill_len: int,
+    threads: int | None,
+    hf: bool,
+    modes: list[str] | None = None,
+    quality: bool = True,
+    quality_positions: int = 2048,
 ) -> dict:
     threads = threads or os.cpu_count() or 1
-    max_c = max(concurrency)
-    engine = build_engine(EngineConfig(model=model, threads=threads, max_num_seqs=max(64, max_c)), progress=True)
-    result: dict = {"model": engine.layout.model_id, "cores": os.cpu_count(), "threads": threads}
+    modes = modes or ["none", "fp16", "int8"]
+    default = resolve_quantization(EngineConfig(model=model), resolve_model(model))
+    common = {"model": model, "threads": threads, "concurrency": concurrency}
+    common |= {"new_tokens": new_tokens, "prefill_len": prefill_len}
+    result: dict = {"model": resolve_model(model).model_id, "cores": os.cpu_count(), "threads": threads}
     with Progress(transient=True) as bar:
-        task = bar.add_task("engine bench", total=len(concurrency) + 2 + int(hf))
-        _decode_rate(engine, 2, 8, "warmup")
-        result["decode_tok_s"] = {}
-        for c in concurrency:
-            result["decode_tok_s"][str(c)] = round(_decode_rate(engine, c, new_tokens, f"c{c}"), 2)
-            bar.advance(task)
-        result["prefill_tok_s"] = round(_prefill_rate(engine, prefill_len, 4), 1)
+        task = bar.add_task("engine bench", total=len(modes) + 1 + int(quality) + int(hf))
+        result["bandwidth_gbps"] = round(memory_bandwidth_gbps(threads), 2)
         bar.advance(task)
-        if hf:
-            result["hf_decode_tok_s"] = round(_hf_rate(model, _chat(engine, 0), new_tokens, threads), 2)
+        per_mode = {}
+        for mode in modes:
+            bar.update(task, description=f"engine bench: {mode}")
+            per_mode[mode] = _child("bench.engine_mode", {**common, "mode": mode})
             bar.advance(task)
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    d = result["decode_tok_s"]
-    if "1" in d and str(max_c) in d:
-        result[f"decode_scaling_{max_c}_over_1"] = round(d[str(max_c)] / d["1"], 2)
-    if hf and "1" in d:
-        result["decode_1_over_hf"] = round(d["1"] / result["hf_decode_tok_s"], 3)
-    if engine.blocks.leaks():
-        raise RuntimeError(f"KV blocks leaked during the benchmark: {engine.blocks.leaks()}")
+        if quality:
+            bar.update(task, description="engine bench: quality against transformers fp32")
+            q = _child(
+                "bench.engine_quality",
+                {"model": model, "threads": threads, "modes": modes, "positions": quality_positions},
+            )
+            for mode in modes:
+                per_mode[mode]["quality"] = q[mode]
+            bar.advance(task)
+        if hf:
+            result["hf_decode_tok_s"] = round(_hf_rate(model, new_tokens, threads), 2)
+            bar.advance(task)
+    limits = {}
+    for mode, figures in per_mode.items():
+        limits[mode] = round(result["bandwidth_gbps"] * 1e9 / (figures["weight_mb_per_token"] * 2**20), 1)
+        if "1" in figures["decode_tok_s"]:
+            figures["decode_1_of_limit"] = round(figures["decode_tok_s"]["1"] / limits[mode], 3)
+    result["default_mode"] = default
+    result["modes"] = per_mode
+    result["limit_tok_s"] = limits
+    if default in per_mode:  # today's top-level keys, for the default format
+        d = per_mode[default]
+        result |= {k: d[k] for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_mb")}
+        max_c = str(max(concurrency))
+        if "1" in d["decode_tok_s"] and max_c in d["decode_tok_s"]:
+            result[f"decode_scaling_{max_c}_over_1"] = round(d["decode_tok_s"][max_c] / d["decode_tok_s"]["1"], 2)
+        if hf and "1" in d["decode_tok_s"]:
+            result["decode_1_over_hf"] = round(d["decode_tok_s"]["1"] / result["hf_decode_tok_s"], 3)
     return result

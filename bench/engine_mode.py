@@ -1,0 +1,69 @@
+"""One weight format's engine figures, in a process of its own so that its peak RSS is its own:
+decode tokens/s per concurrency, prefill tokens/s, peak RSS and the weight bytes one decode step
+reads. Run by `kvrelay bench engine`; prints one JSON object."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+
+from torch import nn
+
+from bench.engine_rates import decode_rate, prefill_rate
+from common.config import EngineConfig
+from common.engine.factory import build_engine
+from common.model.llama import Linear
+from common.model.quant import PackedLinear
+
+_BYTES = {"fp16": 2, "int8": 1}
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of the matrices one decode step multiplies with (every projection and the output head,
+    nominal: the packed formats' padding and scales aside); embedding lookups read a row, not counted."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            total += m.in_features * m.out_features * _BYTES[m.fmt]
+        elif isinstance(m, Linear | nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    if model.lm_head is None:  # tied, unpacked: the head is the embedding matrix
+        total += model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    return total
+
+
+def peak_rss_kb() -> int:
+    """This process's peak RSS since its exec (VmHWM; getrusage's maxrss can carry the parent's over)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def run(args: dict) -> dict:
+    engine = build_engine(
+        EngineConfig(
+            model=args["model"],
+            threads=args["threads"],
+            quantization=args["mode"],
+            max_num_seqs=max(64, *args["concurrency"]),
+        ),
+        progress=False,
+    )
+    decode_rate(engine, 2, 8, "warmup")
+    decode = {str(c): round(decode_rate(engine, c, args["new_tokens"], f"c{c}"), 2) for c in args["concurrency"]}
+    prefill = round(prefill_rate(engine, args["prefill_len"], 4), 1)
+    if engine.blocks.leaks():
+        raise RuntimeError(f"KV blocks leaked during the benchmark: {engine.blocks.leaks()}")
+    return {
+        "decode_tok_s": decode,
+        "prefill_tok_s": prefill,
+        "peak_rss_mb": round(peak_rss_kb() / 1024, 1),
+        "weight_mb_per_token": round(weight_bytes_per_token(engine.runner.model) / 2**20, 1),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(json.loads(sys.argv[1]))))

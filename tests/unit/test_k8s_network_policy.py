@@ -97,7 +97,7 @@ def grpc_port(docs: tuple[dict, ...], role: str) -> int:
     return int(args[args.index("--port") + 1])
 
 
-@pytest.fixture(scope="module", params=["cpu", "gpu"])
+@pytest.fixture(scope="module", params=["cpu", "gpu", "cpu+planner", "gpu+planner"])
 def docs(request):
     return render(request.param)
 
@@ -142,11 +142,22 @@ def test_monitoring_reaches_the_metrics_ports(docs):
     assert allowed(docs, Source(NAMESPACE, {"app.kubernetes.io/name": "prometheus"}), "gateway", 8001)
 
 
+def test_the_internal_port_is_for_monitoring_and_the_planner_only(docs):
+    planner = Source(NAMESPACE, {"app.kubernetes.io/name": "planner"})
+    assert allowed(docs, planner, "gateway", 8001) == ("planner" in pod_templates(docs)), (
+        "the planner component opens 8001 to the planner, and only it does"
+    )
+    for role in ("prefill", "decode", "redis", "otel-collector"):
+        assert not allowed(docs, pod(docs, role), "gateway", 8001), f"{role} -> gateway:8001"
+    assert not allowed(docs, STRANGER, "gateway", 8001)
+
+
 def test_kvrelay_pods_reach_redis_and_nothing_else_does(docs):
     for role in ("gateway", "prefill", "decode"):
         assert allowed(docs, pod(docs, role), "redis", 6379), role
-    for other in ("jaeger", "otel-collector"):
-        assert not allowed(docs, pod(docs, other), "redis", 6379), other
+    for other in ("jaeger", "otel-collector", "planner"):
+        if other in pod_templates(docs):
+            assert not allowed(docs, pod(docs, other), "redis", 6379), other
     assert not allowed(docs, MONITORING, "redis", 6379)
 
 

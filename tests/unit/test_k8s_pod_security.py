@@ -160,8 +160,31 @@ def test_kvrelay_containers_can_write_where_they_write():
     assert checked >= 3 * len(renders()), "every rendering has a gateway, a prefill and a decode container"
 
 
+# The pods that may hold a service-account token, and the account each must run as: the planner
+# scales the pools through the API server (components/planner; its Role is checked in test_k8s_planner).
+TOKEN_HOLDERS = {"planner": "kvrelay-planner"}
+
+
 def test_no_pod_gets_a_service_account_token_or_service_env():
+    holders = 0
     for name, pod in all_pods().items():
-        assert pod.get("automountServiceAccountToken") is False, name
+        account = TOKEN_HOLDERS.get(name.rsplit("/", 1)[1])
+        if account is None:
+            assert pod.get("automountServiceAccountToken") is False, name
+            assert "serviceAccountName" not in pod, f"{name}: only the planner runs as an account of its own"
+        else:
+            assert pod.get("automountServiceAccountToken") is True, f"{name}: it authenticates with the token"
+            assert pod.get("serviceAccountName") == account, f"{name}: the default account holds no Role"
+            holders += 1
         # A Service named kvrelay-... would become KVRELAY_..._SERVICE_HOST: a settings variable.
         assert pod.get("enableServiceLinks") is False, name
+    assert holders, "no rendering has the planner: the exception above is never exercised"
+
+
+def test_service_accounts_mount_no_token_unless_the_pod_asks():
+    accounts = 0
+    for name, docs in renders().items():
+        for account, sa in by_kind(docs, "ServiceAccount").items():
+            assert sa.get("automountServiceAccountToken") is False, f"{name}: {account}"
+            accounts += 1
+    assert accounts

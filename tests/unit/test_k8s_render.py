@@ -26,7 +26,10 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 KUBERNETES_VERSION = "1.32"  # the oldest version these manifests promise to apply to
 OVERLAYS = ("cpu", "gpu")
-COMPONENTS = ("prometheus-operator", "keda", "gateway-https")
+COMPONENTS = ("prometheus-operator", "keda", "gateway-https", "planner")
+# Components that must not be combined: keda and the planner would both own the pools' replica
+# counts (the rendering refuses it; test_k8s_planner checks that it does).
+EXCLUSIVE = (frozenset({"keda", "planner"}),)
 CUSTOM_KINDS = {
     ("monitoring.coreos.com/v1", "PodMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
@@ -44,30 +47,31 @@ def kubectl() -> str:
     return path
 
 
+def _run_kustomize(directory: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True)
+
+
 def _kustomize(directory: Path) -> list[Doc]:
-    out = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True)
+    out = _run_kustomize(directory)
     assert out.returncode == 0, f"kubectl kustomize {directory} failed:\n{out.stderr}"
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 def render_names() -> list[str]:
-    """cpu, gpu, each with every subset of the optional components, and the Ray manifest."""
+    """cpu, gpu, each with every subset of the optional components that may be combined, and the
+    Ray manifest."""
     names = []
     for overlay in OVERLAYS:
         for n in range(len(COMPONENTS) + 1):
             for combo in itertools.combinations(COMPONENTS, n):
-                names.append("+".join((overlay, *combo)))
+                if not any(pair <= set(combo) for pair in EXCLUSIVE):
+                    names.append("+".join((overlay, *combo)))
     return [*names, "ray"]
 
 
-@functools.cache
-def render(name: str) -> tuple[Doc, ...]:
-    if name == "ray":
-        return tuple(_kustomize(K8S / "ray"))
-    overlay, *components = name.split("+")
-    if not components:
-        return tuple(_kustomize(K8S / "overlays" / overlay))
-    # An overlay of the kind k8s/README.md tells operators to write, in a scratch directory.
+def kustomize_with_components(overlay: str, components: list[str]) -> subprocess.CompletedProcess[str]:
+    """`kubectl kustomize` of an overlay of the kind k8s/README.md tells operators to write (the
+    overlay plus components, in this order), made in a scratch directory."""
     with tempfile.TemporaryDirectory() as tmp:
         rel = lambda p: os.path.relpath(p, tmp)  # noqa: E731 - kustomize refuses absolute paths
         kust = {
@@ -77,7 +81,19 @@ def render(name: str) -> tuple[Doc, ...]:
             "components": [rel(K8S / "components" / c) for c in components],
         }
         (Path(tmp) / "kustomization.yaml").write_text(yaml.safe_dump(kust))
-        return tuple(_kustomize(Path(tmp)))
+        return _run_kustomize(Path(tmp))
+
+
+@functools.cache
+def render(name: str) -> tuple[Doc, ...]:
+    if name == "ray":
+        return tuple(_kustomize(K8S / "ray"))
+    overlay, *components = name.split("+")
+    if not components:
+        return tuple(_kustomize(K8S / "overlays" / overlay))
+    out = kustomize_with_components(overlay, components)
+    assert out.returncode == 0, f"kubectl kustomize of {name} failed:\n{out.stderr}"
+    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 
 
 def renders(include_ray: bool = False) -> dict[str, tuple[Doc, ...]]:
@@ -139,6 +155,14 @@ def test_renders(name):
         assert {"PodMonitor", "PrometheusRule"} <= kinds
     if "keda" in name:
         assert "ScaledObject" in kinds
+    if "planner" in name:
+        assert {"ServiceAccount", "Role", "RoleBinding"} <= kinds and "planner" in by_kind(docs, "Deployment")
+        assert "ScaledObject" not in kinds, "the planner sizes the pools: KEDA must not"
+    if "keda" in name or "planner" in name:
+        pools = by_kind(docs, "Deployment")
+        assert not {"replicas"} & (set(pools["prefill"]["spec"]) | set(pools["decode"]["spec"])), (
+            "the autoscaler owns the pools' counts: an apply must not reset them"
+        )
 
 
 def test_every_builtin_object_validates_strictly():

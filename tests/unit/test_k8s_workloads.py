@@ -141,12 +141,43 @@ def test_images_are_pinned():
 
 
 def test_each_overlay_runs_its_own_images():
-    cpu, gpu = render("cpu"), render("gpu")
+    cpu, gpu = render("cpu+planner"), render("gpu+planner")
     for role in WORKERS:
         assert container(cpu, role)["image"] == "kvrelay:0.1.0"
         assert container(gpu, role)["image"] == "kvrelay:0.1.0-cuda"
     for docs in (cpu, gpu):
-        assert container(docs, "gateway")["image"] == "kvrelay-gateway:0.1.0", "the gateway image has no torch"
+        for role in ("gateway", "planner"):
+            assert container(docs, role)["image"] == "kvrelay-gateway:0.1.0", f"{role}: the image without torch"
+
+
+PLANNER_RENDERS = [n for n in OVERLAY_RENDERS if "planner" in n]
+
+
+@pytest.mark.parametrize("name", PLANNER_RENDERS)
+def test_one_planner_owns_the_pool_sizes(name):
+    docs = render(name)
+    deployments = by_kind(docs, "Deployment")
+    planner = deployments["planner"]["spec"]
+    assert planner["replicas"] == 1 and planner["strategy"]["type"] == "Recreate", "never two planners at once"
+    for role in WORKERS:
+        assert "replicas" not in deployments[role]["spec"], f"{name}: an apply would undo the planner's {role} size"
+    assert deployments["gateway"]["spec"]["replicas"] >= 2, "the planner sizes the pools, not the gateways"
+    c = container(docs, "planner")
+    assert c["args"][0] == "plan" and arg_after(c["args"], "--adapter") == "kubernetes"
+    # It serves nothing: no port to probe, and a failing tick is logged and retried, never fatal.
+    assert not c.get("ports") and not {"startupProbe", "readinessProbe", "livenessProbe"} & set(c)
+    assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
+    pod = pod_templates(docs)["planner"]["spec"]
+    secrets = [v for v in pod["volumes"] if "secret" in v] + [
+        e for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})
+    ]
+    assert not secrets, "it needs no registry, shared secret or mTLS key: only its API token"
+
+
+def test_the_pools_keep_their_count_without_an_autoscaler():
+    deployments = by_kind(render("cpu"), "Deployment")
+    assert all(deployments[role]["spec"]["replicas"] >= 1 for role in WORKERS)
+    assert "planner" not in deployments
 
 
 def test_the_gpu_overlay_uses_nixl_gpus_and_shared_memory():

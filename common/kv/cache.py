@@ -43,12 +43,11 @@ class KVCache:
         self.tensor[block_ids, layer, 1, offsets] = v
 
     def gather(self, layer: int, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the blocks in block_table ([..., n]) as [..., n * block_size, H, D]."""
-        kv = self.tensor[block_table, layer]  # [..., n, 2, bs, H, D]
-        lead = block_table.shape[:-1]
-        n = block_table.shape[-1]
-        k = kv[..., 0, :, :, :].reshape(*lead, n * self.block_size, *kv.shape[-2:])
-        v = kv[..., 1, :, :, :].reshape(*lead, n * self.block_size, *kv.shape[-2:])
+        """K and V of the blocks in block_table ([..., n]) as [..., n * block_size, H, D]. One gather
+        each: the result is contiguous, so the reshape is a view, not a second copy."""
+        shape = (*block_table.shape[:-1], block_table.shape[-1] * self.block_size, *self.tensor.shape[-2:])
+        k = self.tensor[block_table, layer, 0].reshape(shape)
+        v = self.tensor[block_table, layer, 1].reshape(shape)
         return k, v
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:

@@ -27,13 +27,26 @@ ADDRESS = typer.Option(None, "--address", help="Ray cluster: ray://host:10001, h
 _READY_TIMEOUT_S = 600.0
 
 
+_CONNECT_TIMEOUT_S = 60.0
+
+
 def _connect(address: str | None, start_local: bool = False) -> None:
+    """Join the Ray cluster; a head that is still starting (or a loaded machine) gets a minute."""
     import ray
 
     if address is None and start_local:
         ray.init(namespace=NAMESPACE, log_to_driver=False, include_dashboard=False)
-    else:
-        ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False)
+        return
+    deadline = time.monotonic() + _CONNECT_TIMEOUT_S
+    while True:
+        try:
+            ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False)
+            return
+        except ConnectionError as e:
+            if time.monotonic() > deadline:
+                typer.echo(f"error: cannot reach the Ray cluster at {address or 'auto'}: {e}", err=True)
+                raise typer.Exit(1) from None
+            time.sleep(2.0)
 
 
 def _controller():  # noqa: ANN202 - a Ray actor handle

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -31,16 +32,25 @@ def _kvrelay(*args: str, timeout: float = 180) -> str:
 
 
 @pytest.fixture
-def ray_head(tmp_path) -> Iterator[str]:
+def ray_head(tmp_path, monkeypatch) -> Iterator[str]:
+    """A head with token authentication, the token of this test only: every process of the test
+    (and what they start) finds it through the environment."""
     if RAY is None:
         pytest.skip("the ray command is not installed")
+    token = tmp_path / "ray-auth-token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     port = free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = dict(os.environ)
     cmd = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "8"]
     cmd += ["--include-dashboard=false", "--disable-usage-stats", "--ray-client-server-port", str(free_port())]
     subprocess.run(cmd, check=True, capture_output=True, timeout=120, env=env)
+    address = f"127.0.0.1:{port}"  # `kvrelay ray` waits for a head that is still starting
     try:
-        yield f"127.0.0.1:{port}"
+        yield address
     finally:
         subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, env=env)
 

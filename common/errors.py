@@ -25,7 +25,7 @@ class KVTransferError(KVRelayError):
 
 
 class CacheFullError(KVRelayError):
-    """The KV cache cannot hold a request even when it runs alone."""
+    """The KV cache has no room for this now (an import, an allocation): free blocks are short."""
 
 
 class UnknownRequestError(KVRelayError, KeyError):

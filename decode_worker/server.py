@@ -43,7 +43,7 @@ async def serve(settings: WorkerSettings) -> None:
     def add(server: grpc.aio.Server, engine: AsyncEngine, identity: WorkerIdentity) -> ChannelPool:
         channels = ChannelPool(settings.tls)  # to prefill workers: mutual TLS when configured
         # One backend, the worker's own setting; a NIXL agent exists only when it is NIXL.
-        client = make_client(settings.transfer, engine.engine.cache, channels, f"{identity.worker_id}-nixl")
+        client = make_client(settings.transfer, engine.cache, channels, f"{identity.worker_id}-nixl")
         servicer = DecodeServicer(engine, {settings.transfer: client}, settings.transfer, channels, sources)
         decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server)
         return channels

@@ -14,7 +14,7 @@ from opentelemetry.trace import SpanKind
 
 from common.engine.async_engine import AsyncEngine
 from common.engine.outputs import RequestOutput
-from common.errors import KVRelayError, KVTransferError
+from common.errors import CacheFullError, KVRelayError, KVTransferError
 from common.kv.layout import KVLayoutMismatchError
 from common.rpc import decode_pb2, decode_pb2_grpc, types_pb2
 from common.rpc.channels import ChannelPool
@@ -73,7 +73,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         check_prompt(handle, request.prompt_token_ids)
         await self.sources.check(handle)
         try:
-            self.engine.engine.layout.check_compatible(layout_from_proto(handle.layout))
+            self.engine.layout.check_compatible(layout_from_proto(handle.layout))
         except KVLayoutMismatchError:
             TRANSFER_FAILURES.labels(kind, "layout").inc()
             raise
@@ -172,7 +172,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 return await self.engine.begin_import(
                     request.request_id, list(request.prompt_token_ids), request.first_token, params
                 )
-            except MemoryError:
+            except CacheFullError:
                 if time.time() + delay + _PULL_MARGIN_S >= lease_deadline_unix:
                     raise
                 if delay == 0.01:

@@ -38,7 +38,7 @@ class EngineKVSource:
 
     @property
     def lease_seconds(self) -> float:
-        return self.engine.engine.config.lease_seconds
+        return self.engine.lease_seconds
 
     async def issue(self, request_id: str, prompt_token_ids: Sequence[int]) -> types_pb2.KVHandle:
         """A signed handle for a request whose prefill just pinned its blocks."""
@@ -57,7 +57,7 @@ class EngineKVSource:
 
     async def pinned_blocks(self, handle: types_pb2.KVHandle, layout: types_pb2.KVLayout) -> list[int]:
         self.signer.verify(handle)
-        self.engine.engine.layout.check_compatible(layout_from_proto(layout))
+        self.engine.layout.check_compatible(layout_from_proto(layout))
         export = await self.engine.extend_lease(handle.request_id)
         if list(export.block_ids) != list(handle.block_ids):
             # The signature holds, so this handle was ours; a request id reused after an abort

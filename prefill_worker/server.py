@@ -26,10 +26,10 @@ async def serve(settings: WorkerSettings) -> None:
     signer = HandleSigner(settings.shared_secret())
 
     def add(server: grpc.aio.Server, engine: AsyncEngine, identity: WorkerIdentity) -> NixlKVServer | None:
-        nixl = NixlKVServer(engine.engine.cache, identity.worker_id) if "nixl" in backends else None
+        nixl = NixlKVServer(engine.cache, identity.worker_id) if "nixl" in backends else None
         source = EngineKVSource(engine, signer, identity.worker_id, identity.address)
         prefill_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(engine, source), server)
-        kv_pb2_grpc.add_KVServiceServicer_to_server(KVService(source, engine.engine.cache, nixl), server)
+        kv_pb2_grpc.add_KVServiceServicer_to_server(KVService(source, engine.cache, nixl), server)
         return nixl
 
     await run_worker(settings, add, backends)

@@ -22,6 +22,9 @@ from typing import TypeVar
 from common.engine.llm_engine import LLMEngine
 from common.engine.outputs import KVExport, RequestOutput
 from common.engine.sampling import SamplingParams
+from common.kv.cache import KVCache
+from common.kv.events import KVEventLog
+from common.kv.layout import KVLayout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,21 +80,44 @@ class AsyncEngine:
 
     # Lease bookkeeping answers at once, never behind a step (see common/engine/leases.py).
     async def release(self, request_id: str) -> bool:
-        released = self.engine.release(request_id)
+        released = self.engine.handoff.release(request_id)
         if released:
             self._wake()  # an idle engine thread frees the blocks now, not at its next timeout
         return released
 
     async def export_kv(self, request_id: str) -> KVExport:
-        return self.engine.export_kv(request_id)
+        return self.engine.handoff.export(request_id)
 
     async def extend_lease(self, request_id: str) -> KVExport:
-        return self.engine.extend_lease(request_id)
+        return self.engine.handoff.extend(request_id)
 
     async def begin_import(
         self, request_id: str, prompt_token_ids: Sequence[int], first_token: int, params: SamplingParams
     ) -> list[int]:
-        return await self.call(lambda: self.engine.begin_import(request_id, prompt_token_ids, first_token, params))
+        return await self.call(
+            lambda: self.engine.handoff.begin_import(request_id, prompt_token_ids, first_token, params)
+        )
+
+    # -- what services may read of the engine (its P/D port), without reaching inside it ------
+    @property
+    def layout(self) -> KVLayout:
+        return self.engine.layout
+
+    @property
+    def cache(self) -> KVCache:
+        """The KV cache tensor's owner: transports read and write its blocks."""
+        return self.engine.cache
+
+    @property
+    def lease_seconds(self) -> float:
+        return self.engine.handoff.lease_seconds
+
+    @property
+    def kv_events(self) -> KVEventLog:
+        return self.engine.events
+
+    def cached_block_hashes(self) -> list[int]:
+        return self.engine.blocks.cached_block_hashes()
 
     async def stats(self) -> dict[str, int]:
         """Read directly, not between steps: health checks must not wait for a long prefill step."""
@@ -144,7 +170,7 @@ class AsyncEngine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._run_commands(block=not self.engine.has_unfinished())
-            self.engine.settle_leases()
+            self.engine.handoff.settle()
             if not self.engine.has_unfinished():
                 continue
             try:
@@ -159,7 +185,7 @@ class AsyncEngine:
     def _run_commands(self, block: bool) -> None:
         timeout = None
         if block:
-            deadline = self.engine.next_lease_deadline()
+            deadline = self.engine.handoff.next_deadline()
             timeout = _IDLE_WAIT_S if deadline is None else max(0.0, min(_IDLE_WAIT_S, deadline - time.monotonic()))
         while True:
             try:

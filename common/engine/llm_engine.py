@@ -1,6 +1,7 @@
 """The engine: requests in, tokens out, one `step()` at a time. Not thread-safe: one owner thread
-(see async_engine) calls every method, except `stats` and the lease methods (`export_kv`,
-`extend_lease`, `release`), which any thread may call so that a long step never delays them."""
+(see async_engine) calls every method, except `stats` and the handoff's lease methods
+(`handoff.export`, `extend`, `release`), which any thread may call so that a long step never
+delays them. KV moving to or from another worker goes through `handoff` (common/engine/handoff.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import time
 from collections.abc import Sequence as Seq
 
 from common.config import EngineConfig
-from common.engine.leases import LeaseTable
+from common.engine.handoff import KVHandoff
 from common.engine.model_runner import ModelRunner
-from common.engine.outputs import KVExport, RequestOutput
+from common.engine.outputs import RequestOutput
 from common.engine.sampling import SamplingParams
 from common.engine.scheduler import Scheduler
 from common.engine.sequence import SeqStatus, Sequence
-from common.errors import InvalidRequestError, UnknownRequestError
+from common.errors import InvalidRequestError
 from common.kv.block_manager import BlockManager
 from common.kv.cache import KVCache
 from common.kv.events import KVEventLog
@@ -54,7 +55,7 @@ class LLMEngine:
         eos = set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
         self.eos_token_ids = frozenset(eos)
         self.seqs: dict[str, Sequence] = {}  # every request holding engine state
-        self.leases = LeaseTable()  # pinned prefill KV; thread-safe (see leases.py)
+        self.handoff = KVHandoff(self, config.lease_seconds)  # KV to and from other workers
         self.num_steps = 0
         self.num_aborts = 0  # requests stopped from outside (client gone, failed pull, drain)
 
@@ -66,18 +67,19 @@ class LLMEngine:
         params: SamplingParams,
         prefill_only: bool = False,
     ) -> None:
-        self._validate(request_id, prompt_token_ids, params)
+        self.validate(request_id, prompt_token_ids, params)
         seq = Sequence(request_id, list(prompt_token_ids), params, prefill_only=prefill_only)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is and free its blocks at once. False if unknown."""
-        dropped = self._drop(request_id)
+        dropped = self.drop(request_id)
         self.num_aborts += dropped
         return dropped
 
-    def _drop(self, request_id: str) -> bool:
+    def drop(self, request_id: str) -> bool:
+        """Forget a request and free its blocks (no abort counted)."""
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return False
@@ -109,68 +111,16 @@ class LLMEngine:
         for rid in request_ids:
             seq = self.seqs.get(rid)
             if seq is not None:
-                self._drop(rid)
+                self.drop(rid)
                 outs.append(RequestOutput(rid, finished=True, finish_reason="error", error=message))
         return outs
 
-    # -- prefill-only and imported KV -----------------------------------------------------------
-    # export_kv, extend_lease and release are safe from any thread: they touch only the lease table.
-    def export_kv(self, request_id: str) -> KVExport:
-        lease = self.leases.live(request_id)
-        return KVExport(request_id, list(lease.block_ids), lease.num_tokens, self.layout, lease.deadline)
-
-    def extend_lease(self, request_id: str) -> KVExport:
-        """A pull is starting: keep the blocks pinned for another full lease, and say which they are."""
-        lease = self.leases.live(request_id, extend_s=self.config.lease_seconds)
-        return KVExport(request_id, list(lease.block_ids), lease.num_tokens, self.layout, lease.deadline)
-
-    def release(self, request_id: str) -> bool:
-        """Unpin a request's blocks (the decode side has them). False if unknown, released or expired.
-        The blocks are freed by the engine thread's next `settle_leases`."""
-        return self.leases.release(request_id)
-
-    def settle_leases(self, now: float | None = None) -> list[str]:
-        """Engine thread: free the blocks of leases that were released or have expired."""
-        ended = self.leases.settle(now)
-        for rid in ended:
-            self._drop(rid)
-        return ended
-
-    def next_lease_deadline(self) -> float | None:
-        return self.leases.next_deadline()
-
-    def begin_import(
-        self, request_id: str, prompt_token_ids: Seq[int], first_token: int, params: SamplingParams
-    ) -> list[int]:
-        """Reserve blocks for a prompt whose K/V arrive from another worker. Returns the block ids
-        to fill; then call `finish_import` (or `abort`)."""
-        self._validate(request_id, prompt_token_ids, params)
-        vocab = self.runner.model.config.vocab_size
-        if not 0 <= first_token < vocab:  # would fail the step, and every request batched with it
-            raise InvalidRequestError(
-                f"first_token {first_token} is outside the vocabulary [0, {vocab})", "first_token"
-            )
-        seq = Sequence(request_id, list(prompt_token_ids), params)
-        if self.blocks.blocks_for(len(prompt_token_ids)) > self.blocks.num_free_blocks:
-            raise MemoryError(
-                f"not enough free KV blocks to import {len(prompt_token_ids)} tokens "
-                f"({self.blocks.num_free_blocks} blocks free)"
-            )
-        seq.block_table = self.blocks.allocate_blocks(self.blocks.blocks_for(len(prompt_token_ids)))
-        seq.output_token_ids = [first_token]
-        seq.status = SeqStatus.PINNED  # held, not scheduled, until the blocks are filled
-        self.seqs[request_id] = seq
-        return list(seq.block_table)
-
     def finish_import(self, request_id: str) -> RequestOutput | None:
-        """The imported blocks are filled: register their hashes and join the running batch.
-        Returns a final output if the imported first token already ends the request."""
-        seq = self.seqs.get(request_id)
-        if seq is None:
-            raise UnknownRequestError(request_id)
-        seq.num_computed_tokens = len(seq.prompt_token_ids)
-        seq.first_token_time = time.monotonic()
-        self.blocks.commit(seq)
+        """Imported blocks are filled (see `handoff.begin_import`): join the running batch, or end
+        at once if the imported first token already ends the request."""
+        return self.handoff.finish_import(request_id, self._join_imported)
+
+    def _join_imported(self, seq: Sequence) -> RequestOutput | None:
         reason = self._stop_reason(seq, seq.output_token_ids[-1])
         if reason is not None:
             return self._finish(seq, reason, [seq.output_token_ids[-1]])
@@ -182,10 +132,11 @@ class LLMEngine:
         """Counters, safe to read from any thread: each is one atomic read under the GIL (the
         sequences are copied in one step before counting), so a long step never delays them."""
         seqs = list(self.seqs.values())
+        handoff = self.handoff.counts()
         return {
             "waiting": len(self.scheduler.waiting),
             "running": len(self.scheduler.running),
-            "pinned": sum(s.status is SeqStatus.PINNED for s in seqs),
+            "pinned": handoff["exported"] + handoff["importing"],  # held outside the batch
             "sequences": len(seqs),  # everything holding engine state, imports included
             "free_blocks": self.blocks.num_free_blocks,
             "total_blocks": self.blocks.num_blocks,
@@ -194,11 +145,12 @@ class LLMEngine:
             "prefix_hit_tokens": self.blocks.prefix_hits,
             "preemptions": self.scheduler.num_preemptions,
             "aborts": self.num_aborts,
-            "lease_expiries": self.leases.expired,
+            "lease_expiries": handoff["lease_expiries"],
         }
 
     # -- internals ------------------------------------------------------------------------------
-    def _validate(self, request_id: str, prompt: Seq[int], params: SamplingParams) -> None:
+    def validate(self, request_id: str, prompt: Seq[int], params: SamplingParams) -> None:
+        """Every field of a request that could fail a step, checked before it joins a batch."""
         if request_id in self.seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         if not prompt:
@@ -238,10 +190,7 @@ class LLMEngine:
         if reason is not None:
             return self._finish(seq, reason, [token])
         if seq.prefill_only:
-            self.scheduler.remove(seq)
-            seq.status = SeqStatus.PINNED
-            deadline = time.monotonic() + self.config.lease_seconds
-            self.leases.pin(seq.request_id, seq.block_table, len(seq.prompt_token_ids), deadline)
+            self.handoff.pin(seq)
             return self._output(seq, [token], pinned=True)
         return self._output(seq, [token])
 
@@ -261,7 +210,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, new_tokens: list[int]) -> RequestOutput:
         seq.finish_reason = reason
-        self._drop(seq.request_id)
+        self.drop(seq.request_id)
         seq.status = SeqStatus.FINISHED
         return self._output(seq, new_tokens)
 
@@ -283,7 +232,7 @@ class LLMEngine:
         )
 
     def _free(self, seq: Sequence) -> None:
-        self.leases.drop(seq.request_id)
+        self.handoff.leases.drop(seq.request_id)
         if seq.block_table:
             self.blocks.free(seq)
         self.runner.sampler.forget(seq.request_id)

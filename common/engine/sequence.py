@@ -12,7 +12,8 @@ from common.engine.sampling import SamplingParams
 class SeqStatus(enum.Enum):
     WAITING = "waiting"  # not yet holding blocks (new, or preempted)
     RUNNING = "running"  # holds blocks; prefilling or decoding
-    PINNED = "pinned"  # prefill-only request done; blocks held until released or the lease expires
+    EXPORTED = "exported"  # prefill-only request done; blocks leased to a puller until released or expired
+    IMPORTING = "importing"  # blocks reserved for K/V arriving from another worker; not yet scheduled
     FINISHED = "finished"
 
 

@@ -13,10 +13,34 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Protocol
 
-from common.engine.sequence import Sequence
+from common.errors import CacheFullError
 from common.kv.block_hash import ROOT_HASH, hash_block, root_hash
 from common.kv.events import KVEventLog
+
+
+class _Params(Protocol):
+    cache_salt: str
+
+
+class BlockOwner(Protocol):
+    """What the block manager reads and writes of a request (the engine's Sequence is one): the
+    cache layer knows nothing else of the engine."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: _Params
+    block_table: list[int]
+    block_hashes: list[int]
+    num_computed_tokens: int
+    num_cached_tokens: int
+    num_preemptions: int
+
+    @property
+    def token_ids(self) -> list[int]: ...
+
+    def __len__(self) -> int: ...
 
 
 @dataclass
@@ -77,16 +101,16 @@ class BlockManager:
             hits.append(bid)
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
+    def can_allocate(self, seq: BlockOwner) -> bool:
         hits = self.match_prefix(seq.token_ids, root_hash(seq.params.cache_salt))
         shared_in_use = sum(1 for b in hits if self.blocks[b].ref_count > 0)
         return self.blocks_for(len(seq)) - shared_in_use <= self.num_free_blocks
 
-    def can_append(self, seq: Sequence) -> bool:
+    def can_append(self, seq: BlockOwner) -> bool:
         return self.blocks_for(len(seq)) - len(seq.block_table) <= self.num_free_blocks
 
     # -- actions --------------------------------------------------------------------------------
-    def allocate(self, seq: Sequence) -> None:
+    def allocate(self, seq: BlockOwner) -> None:
         """Give `seq` blocks for all its tokens, reusing its cached prefix."""
         if seq.block_table:
             raise RuntimeError(f"request {seq.request_id!r} already holds blocks")
@@ -107,7 +131,7 @@ class BlockManager:
             self.prefix_queries += len(seq.prompt_token_ids)
             self.prefix_hits += seq.num_computed_tokens
 
-    def append_slots(self, seq: Sequence) -> None:
+    def append_slots(self, seq: BlockOwner) -> None:
         """Grow the block table to cover every token of `seq`."""
         for _ in range(self.blocks_for(len(seq)) - len(seq.block_table)):
             seq.block_table.append(self._take())
@@ -115,10 +139,10 @@ class BlockManager:
     def allocate_blocks(self, n: int) -> list[int]:
         """n fresh blocks (ref 1) for KV arriving from elsewhere."""
         if n > self.num_free_blocks:
-            raise MemoryError(f"need {n} KV blocks, {self.num_free_blocks} free")
+            raise CacheFullError(f"need {n} KV blocks, {self.num_free_blocks} free")
         return [self._take() for _ in range(n)]
 
-    def commit(self, seq: Sequence) -> None:
+    def commit(self, seq: BlockOwner) -> None:
         """Register the hashes of blocks that became full and computed since the last commit."""
         bs = self.block_size
         tokens = seq.token_ids
@@ -135,7 +159,7 @@ class BlockManager:
                 prev = seq.block_hashes[-2] if len(seq.block_hashes) > 1 else root
                 self.events.append("stored", parent, prev)
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: BlockOwner) -> None:
         self.free_blocks(seq.block_table)
         seq.block_table = []
         seq.block_hashes = []
@@ -163,7 +187,7 @@ class BlockManager:
             self.events.append("removed", block.block_hash)  # type: ignore[arg-type]
             block.block_hash, block.token_ids = None, ()
         else:
-            raise MemoryError("no free KV blocks (callers must ask can_allocate/can_append first)")
+            raise CacheFullError("no free KV blocks (callers must ask can_allocate/can_append first)")
         self.blocks[bid].ref_count = 1
         return bid
 

@@ -32,7 +32,6 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (UnknownRequestError, grpc.StatusCode.NOT_FOUND),
     (CacheFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (KVTransferError, grpc.StatusCode.ABORTED),
-    (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
     (KVRelayError, grpc.StatusCode.UNAVAILABLE),

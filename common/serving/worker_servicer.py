@@ -58,14 +58,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def WatchEvents(  # noqa: N802
         self, request: worker_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.KVEventBatch]:
-        log = self.engine.engine.events
+        log = self.engine.kv_events
         after = request.after_seq
         held = log.since(after)
         if after == 0 or (held and held[0].seq != after + 1) or (not held and log.last_seq > after):
             # The caller is behind what the log still holds: send the whole cache, then follow.
-            hashes, after = await self.engine.call(
-                lambda: (self.engine.engine.blocks.cached_block_hashes(), log.last_seq)
-            )
+            hashes, after = await self.engine.call(lambda: (self.engine.cached_block_hashes(), log.last_seq))
             yield worker_pb2.KVEventBatch(snapshot=True, snapshot_hashes=hashes, last_seq=after)
         while not context.cancelled() and not self.closing.is_set():
             events = log.since(after)

@@ -85,7 +85,7 @@ def test_an_imported_first_token_outside_the_vocabulary_fails_alone(first_token)
     engine = tiny_engine()
     engine.add_request("ok", [1, 2, 3], greedy(4))
     with pytest.raises(InvalidRequestError, match=r"\[0, 256\)") as err:
-        engine.begin_import("bad", [4, 5, 6], first_token, greedy(4))
+        engine.handoff.begin_import("bad", [4, 5, 6], first_token, greedy(4))
     assert err.value.param == "first_token"
     outs = []
     while engine.has_unfinished():

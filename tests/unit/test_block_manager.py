@@ -2,6 +2,7 @@ import pytest
 
 from common.engine.sampling import SamplingParams
 from common.engine.sequence import Sequence
+from common.errors import CacheFullError
 from common.kv.block_manager import BlockManager
 from tests.helpers import assert_no_leaks, run_to_completion, tiny_engine
 
@@ -106,7 +107,7 @@ def test_double_free_is_an_error():
 
 def test_allocate_blocks_beyond_capacity_raises():
     bm = BlockManager(2, 2)
-    with pytest.raises(MemoryError):
+    with pytest.raises(CacheFullError):
         bm.allocate_blocks(3)
     assert bm.leaks() == []
 

@@ -47,16 +47,16 @@ def test_prefill_only_pins_then_release_frees(model):
     engine.add_request("p", PROMPT, greedy(8), prefill_only=True)
     outs = run_to_completion(engine)["p"]
     assert len(outs) == 1 and outs[0].pinned and not outs[0].finished
-    export = engine.export_kv("p")
+    export = engine.handoff.export("p")
     assert export.num_tokens == len(PROMPT)
     assert len(export.block_ids) == engine.blocks.blocks_for(len(PROMPT))
     assert engine.blocks.num_used_blocks == len(export.block_ids)
-    assert engine.release("p")
-    assert not engine.release("p")
+    assert engine.handoff.release("p")
+    assert not engine.handoff.release("p")
     with pytest.raises(UnknownRequestError):
-        engine.export_kv("p")
+        engine.handoff.export("p")
     assert engine.blocks.num_used_blocks == len(export.block_ids)  # freed by the engine thread's turn:
-    assert engine.settle_leases() == ["p"]
+    assert engine.handoff.settle() == ["p"]
     assert_no_leaks(engine)
 
 
@@ -64,10 +64,10 @@ def test_lease_expiry_frees_pinned_blocks(model):
     engine = tiny_engine(model, lease_seconds=5)
     engine.add_request("p", PROMPT, greedy(8), prefill_only=True)
     run_to_completion(engine)
-    deadline = engine.next_lease_deadline()
+    deadline = engine.handoff.next_deadline()
     assert deadline is not None
-    assert engine.settle_leases(now=deadline - 1) == []
-    assert engine.settle_leases(now=deadline) == ["p"]
+    assert engine.handoff.settle(now=deadline - 1) == []
+    assert engine.handoff.settle(now=deadline) == ["p"]
     assert_no_leaks(engine)
 
 
@@ -86,11 +86,11 @@ def test_export_import_between_engines_matches_single_engine(model):
     prefill, decode = tiny_engine(model), tiny_engine(model, num_kv_blocks=64)
     prefill.add_request("r", PROMPT, params, prefill_only=True)
     first = run_to_completion(prefill)["r"][0].new_token_ids[0]
-    export = prefill.export_kv("r")
-    dst = decode.begin_import("r", PROMPT, first, params)
+    export = prefill.handoff.export("r")
+    dst = decode.handoff.begin_import("r", PROMPT, first, params)
     decode.cache.write_blocks(dst, prefill.cache.read_blocks(export.block_ids))
-    assert prefill.release("r")
-    assert prefill.settle_leases() == ["r"]
+    assert prefill.handoff.release("r")
+    assert prefill.handoff.settle() == ["r"]
     assert decode.finish_import("r") is None
     rest = tokens_of(run_to_completion(decode)["r"])
     assert [first, *rest] == expected
@@ -103,7 +103,7 @@ def test_export_import_between_engines_matches_single_engine(model):
 
 def test_abort_during_import_frees_reserved_blocks(model):
     engine = tiny_engine(model)
-    engine.begin_import("r", PROMPT, 5, greedy(4))
+    engine.handoff.begin_import("r", PROMPT, 5, greedy(4))
     assert engine.blocks.num_used_blocks == 3
     assert engine.abort("r")
     assert_no_leaks(engine)

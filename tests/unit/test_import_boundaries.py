@@ -30,3 +30,21 @@ def test_workers_do_not_import_the_gateway():
     for pkg in ("prefill_worker", "decode_worker", "kvtransfer"):
         for path in pathlib.Path(pkg).rglob("*.py"):
             assert "from gateway" not in path.read_text() and "import gateway" not in path.read_text(), path
+
+
+def test_the_kv_layer_knows_nothing_of_the_engine():
+    """common/kv is the cache and its accounting; the engine uses it, never the other way round."""
+    offenders = [
+        f"{path}: {line.strip()}"
+        for path in pathlib.Path("common/kv").rglob("*.py")
+        for line in path.read_text().splitlines()
+        if line.strip().startswith(("import common.engine", "from common.engine", "from common.model"))
+    ]
+    assert not offenders, offenders
+
+
+def test_services_reach_the_engine_only_through_its_port():
+    """Workers and transports use AsyncEngine's own methods, never the LLMEngine inside it."""
+    for pkg in ("prefill_worker", "decode_worker", "kvtransfer", "common/serving"):
+        for path in pathlib.Path(pkg).rglob("*.py"):
+            assert "engine.engine." not in path.read_text(), path

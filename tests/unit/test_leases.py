@@ -121,7 +121,7 @@ def test_kv_service_answers_while_a_step_runs(model):
         try:
             await _pin(runner, "p")
             handle = await source.issue("p", PROMPT)
-            pinned = engine.export_kv("p").block_ids
+            pinned = engine.handoff.export("p").block_ids
             expected = engine.cache.read_blocks(pinned).numpy().tobytes()
             gate, busy = await _held_in_a_step(runner)
 
@@ -165,11 +165,11 @@ def test_a_release_after_expiry_is_refused_and_frees_once(model):
     engine.add_request("p", PROMPT, greedy(8), prefill_only=True)
     run_to_completion(engine)
     time.sleep(0.1)
-    assert not engine.release("p")  # expired: what a pull read may be stale
+    assert not engine.handoff.release("p")  # expired: what a pull read may be stale
     with pytest.raises(UnknownRequestError):
-        engine.extend_lease("p")
-    assert engine.settle_leases() == ["p"] and engine.settle_leases() == []
-    assert not engine.release("p")
+        engine.handoff.extend("p")
+    assert engine.handoff.settle() == ["p"] and engine.handoff.settle() == []
+    assert not engine.handoff.release("p")
     assert freed == {"p": 1}
     assert_no_leaks(engine)
 
@@ -218,12 +218,12 @@ def test_releases_racing_expiry_on_a_busy_engine_keep_the_books(model):
     for i in range(n):
         engine.add_request(f"p{i}", [(7 * i + k) % 250 + 1 for k in range(9)], greedy(8), prefill_only=True)
     assert len(engine.step()) == n
-    deadlines = {f"p{i}": engine.export_kv(f"p{i}").lease_deadline for i in range(n)}
+    deadlines = {f"p{i}": engine.handoff.export(f"p{i}").lease_deadline for i in range(n)}
     offsets = [-0.25, -0.02, -0.005, 0.0, 0.001, 0.005, 0.02, 0.05]  # release time - deadline
 
     freed: Counter[str] = Counter()
     errors: list[BaseException] = []
-    free, settle = engine.blocks.free, engine.settle_leases
+    free, settle = engine.blocks.free, engine.handoff.settle
 
     def counting_free(seq) -> None:  # noqa: ANN001
         freed[seq.request_id] += 1
@@ -238,7 +238,7 @@ def test_releases_racing_expiry_on_a_busy_engine_keep_the_books(model):
         return ended
 
     engine.blocks.free = counting_free  # type: ignore[method-assign]
-    engine.settle_leases = checked_settle  # type: ignore[method-assign]
+    engine.handoff.settle = checked_settle  # type: ignore[method-assign]
     released: list[str] = []
     lock = threading.Lock()
 
@@ -248,8 +248,8 @@ def test_releases_racing_expiry_on_a_busy_engine_keep_the_books(model):
             time.sleep(max(0.0, deadlines[rid] + offsets[i % len(offsets)] - time.monotonic()))
             if i % 3 == 0:
                 with contextlib.suppress(UnknownRequestError):
-                    engine.extend_lease(rid)  # a pull starting, racing the deadline too
-            if engine.release(rid):
+                    engine.handoff.extend(rid)  # a pull starting, racing the deadline too
+            if engine.handoff.release(rid):
                 with lock:
                     released.append(rid)
 

@@ -186,9 +186,9 @@ def test_penalties_survive_the_prefill_decode_handoff(model):
     prefill.add_request("r", PROMPT, params, prefill_only=True)
     first = run_to_completion(prefill)["r"][0].new_token_ids[0]
     wire = params_from_proto(params_to_proto(params))
-    dst = decode.begin_import("r", PROMPT, first, wire)
-    decode.cache.write_blocks(dst, prefill.cache.read_blocks(prefill.export_kv("r").block_ids))
-    assert prefill.release("r") and prefill.settle_leases() == ["r"]
+    dst = decode.handoff.begin_import("r", PROMPT, first, wire)
+    decode.cache.write_blocks(dst, prefill.cache.read_blocks(prefill.handoff.export("r").block_ids))
+    assert prefill.handoff.release("r") and prefill.handoff.settle() == ["r"]
     assert decode.finish_import("r") is None
     assert [first, *tokens_of(run_to_completion(decode)["r"])] == expected
     assert_no_leaks(prefill)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field, field_validator
 
 
@@ -17,20 +19,12 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(None, gt=0, description="context window; default: the model's, at most 8192")
     threads: int | None = Field(None, gt=0, description="torch intra-op threads; default: torch's choice")
     lease_seconds: float = Field(10.0, gt=0, description="how long prefill pins KV blocks awaiting a pull")
-    quantization: str = Field(
+    quantization: Literal["auto", "none", "fp16", "int8"] = Field(
         "auto",
         description="weights as served: none (the compute dtype); on CPU fp16 (half the bytes, same answers) or "
         "int8 (a quarter, lossy on small models: measure it); auto: fp16 on CPU for a quantized GGUF file, none "
         "otherwise. The KV cache keeps the compute dtype",
     )
-
-    @field_validator("quantization")
-    @classmethod
-    def _quantization(cls, v: str) -> str:
-        allowed = ("auto", "none", "fp16", "int8")
-        if v not in allowed:
-            raise ValueError(f"quantization must be one of {allowed}, got {v!r}")
-        return v
 
     @field_validator("dtype")
     @classmethod

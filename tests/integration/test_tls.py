@@ -11,7 +11,7 @@ import grpc
 import httpx
 import openai
 
-from bench.tls_ca import TestCA
+from bench import tls_ca
 from common.rpc import worker_pb2, worker_pb2_grpc
 from gateway.api_keys import KeyStore
 from kvrelay.launcher import free_port
@@ -29,7 +29,7 @@ async def _health(address: str, credentials: grpc.ChannelCredentials | None) -> 
 
 
 def test_https_at_the_edge_and_mutual_tls_inside(cluster_factory, tiny_dir, tmp_path):
-    ca = TestCA(tmp_path / "pki")
+    ca = tls_ca.TestCA(tmp_path / "pki")
     cert, key = ca.issue("kvrelay-service")
     env = {
         "KVRELAY_TLS__CA_FILE": str(ca.ca_file),
@@ -104,7 +104,7 @@ def test_https_at_the_edge_and_mutual_tls_inside(cluster_factory, tiny_dir, tmp_
     )
     assert r.status_code == 200 and r.headers["x-kvrelay-mode"] == "disaggregated", r.text
 
-    rogue = TestCA(tmp_path / "rogue", name="rogue-ca")
+    rogue = tls_ca.TestCA(tmp_path / "rogue", name="rogue-ca")
     rogue_cert, rogue_key = rogue.issue("intruder")
     trusted_ca = ca.ca_file.read_bytes()
     for address in (run.prefill[0], run.decode[0]):

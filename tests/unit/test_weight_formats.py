@@ -90,3 +90,12 @@ def test_packed_model_serves_without_leaks(checkpoint, fmt):
 def test_packed_weights_are_cpu_float32_only(checkpoint):
     with pytest.raises(ModelLoadError, match="CPU with float32"):
         load_model(checkpoint, dtype=torch.bfloat16, progress=False, quantization="fp16")
+
+
+def test_an_unknown_weight_format_is_refused_by_name():
+    from pydantic import ValidationError
+
+    from common.config import EngineConfig
+
+    with pytest.raises(ValidationError, match="quantization"):
+        EngineConfig(quantization="int4")

@@ -32,7 +32,7 @@ from kvrelay.launcher import Cluster, free_port
 
 
 def _policy_yaml(policy: str, log_dir: str) -> str:
-    from gateway.scheduling.config import POLICIES
+    from bench.policies import POLICIES
 
     cfg = {**POLICIES[policy], "decider": {"enabled": False}}
     path = os.path.join(log_dir, f"{policy}.yaml")

@@ -16,12 +16,12 @@ the picker, the imbalance guard and the P/D decider. Validated at start; errors 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.scheduling.filters import FILTERS
+from gateway.scheduling.picker import PICKERS
 from gateway.scheduling.scorers import SCORER_TYPES
 
 
@@ -46,8 +46,15 @@ class ScorerSpec(_Strict):
 
 
 class PickerSpec(_Strict):
-    type: Literal["max-score", "round-robin"] = "max-score"
+    type: str = "max-score"
     temperature: float = Field(0.0, ge=0.0)
+
+    @field_validator("type")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in PICKERS:
+            raise ValueError(f"unknown picker {v!r}; known: {', '.join(PICKERS)}")
+        return v
 
 
 class ProfileSpec(_Strict):
@@ -103,29 +110,6 @@ DEFAULT = {
                 {"type": "kv-fit", "weight": 1.0},
             ]
         },
-    },
-}
-
-# The policies `kvrelay bench prefix` compares.
-POLICIES = {
-    "prefix_load": DEFAULT,
-    "least_loaded": {
-        "profiles": {
-            "prefill": {
-                "scorers": [
-                    {"type": "queue-depth", "weight": 1.0},
-                    {"type": "kv-usage", "weight": 1.0},
-                    {"type": "inflight-tokens", "weight": 1.0},
-                ]
-            },
-            "decode": DEFAULT["profiles"]["decode"],
-        }
-    },
-    "round_robin": {
-        "profiles": {
-            "prefill": {"scorers": [], "picker": {"type": "round-robin"}},
-            "decode": {"scorers": [], "picker": {"type": "round-robin"}},
-        }
     },
 }
 

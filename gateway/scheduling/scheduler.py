@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import itertools
 import random
 from dataclasses import dataclass
 
@@ -19,17 +18,9 @@ from gateway.scheduling.config import ProfileSpec, SchedulerConfig
 from gateway.scheduling.decider import PDDecider, PDDecision
 from gateway.scheduling.filters import FILTERS
 from gateway.scheduling.imbalance import ImbalanceGuard
-from gateway.scheduling.picker import MaxScorePicker
+from gateway.scheduling.picker import PICKERS
 from gateway.scheduling.prefix_index import PrefixIndex
-from gateway.scheduling.scorers import (
-    LOAD_SCORERS,
-    InflightScorer,
-    KVFitScorer,
-    KVUsageScorer,
-    PrefixScorer,
-    QueueScorer,
-    RunningScorer,
-)
+from gateway.scheduling.scorers import LOAD_SCORERS, PrefixScorer, make_scorer
 from gateway.scheduling.types import Candidate, RequestInfo, ScoredCandidate
 
 
@@ -59,19 +50,9 @@ class Schedule:
 
 class _Profile:
     def __init__(self, spec: ProfileSpec, index: PrefixIndex, rng: random.Random) -> None:
-        makers = {
-            "prefix-cache": lambda: PrefixScorer(index),
-            "queue-depth": QueueScorer,
-            "kv-usage": KVUsageScorer,
-            "inflight-tokens": InflightScorer,
-            "running": RunningScorer,
-            "kv-fit": KVFitScorer,
-        }
         self.filters = [FILTERS[f]() for f in spec.filters]
-        self.scorers = [(makers[s.type](), s.weight) for s in spec.scorers]
-        self.round_robin = spec.picker.type == "round-robin"
-        self.picker = MaxScorePicker(spec.picker.temperature, rng)
-        self._rr = itertools.count()
+        self.scorers = [(make_scorer(s.type, index), s.weight) for s in spec.scorers]
+        self.picker = PICKERS[spec.picker.type](spec.picker.temperature, rng)
 
     def filter(self, pool: list[Candidate], req: RequestInfo) -> list[Candidate]:
         return [c for c in pool if all(f.keep(c, req) for f in self.filters)]
@@ -93,9 +74,6 @@ class _Profile:
         return scored
 
     def pick(self, scored: list[ScoredCandidate]) -> ScoredCandidate:
-        if self.round_robin:
-            ordered = sorted(scored, key=lambda s: s.candidate.worker_id)
-            return ordered[next(self._rr) % len(ordered)]
         return self.picker.pick(scored)
 
 

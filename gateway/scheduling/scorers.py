@@ -75,5 +75,16 @@ class KVFitScorer:
         return [_clamp(1 - need / c.free_blocks) if c.free_blocks > 0 else 0.0 for c in candidates]
 
 
-LOAD_SCORERS = frozenset({"queue-depth", "kv-usage", "inflight-tokens", "running", "kv-fit"})
-SCORER_TYPES = ("prefix-cache", *sorted(LOAD_SCORERS))
+# The one registry of scorer plugins: a profile names them by type_name. Every scorer but the
+# prefix scorer measures load, which is what the imbalance guard keeps when it sets affinity aside.
+SCORERS: dict[str, type] = {
+    cls.type_name: cls for cls in (PrefixScorer, QueueScorer, KVUsageScorer, InflightScorer, RunningScorer, KVFitScorer)
+}
+LOAD_SCORERS = frozenset(name for name in SCORERS if name != PrefixScorer.type_name)
+SCORER_TYPES = tuple(SCORERS)
+
+
+def make_scorer(type_name: str, index: PrefixIndex):  # noqa: ANN201 - a Scorer
+    """An instance of a registered scorer (the prefix scorer reads the prefix index)."""
+    cls = SCORERS[type_name]
+    return cls(index) if cls is PrefixScorer else cls()

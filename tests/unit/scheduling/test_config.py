@@ -1,6 +1,7 @@
 import pytest
 
-from gateway.scheduling.config import DEFAULT, POLICIES, SchedulerConfigError, load_config, parse_config
+from bench.policies import POLICIES
+from gateway.scheduling.config import DEFAULT, SchedulerConfigError, load_config, parse_config
 
 
 def test_defaults_and_policies_parse():
@@ -41,3 +42,19 @@ def test_bad_yaml_names_the_key(tmp_path, yaml_text, needle):
 def test_missing_file(tmp_path):
     with pytest.raises(SchedulerConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_plugins_come_from_one_registry_each():
+    """Every scorer, filter and picker class is registered under its type name, and the config
+    accepts exactly the registered names."""
+    import inspect
+
+    from gateway.scheduling import filters, picker, scorers
+
+    for module, registry in ((scorers, scorers.SCORERS), (filters, filters.FILTERS), (picker, picker.PICKERS)):
+        classes = {c.type_name: c for _, c in inspect.getmembers(module, inspect.isclass) if hasattr(c, "type_name")}
+        assert classes == registry
+    assert set(scorers.SCORERS) - {"prefix-cache"} == scorers.LOAD_SCORERS
+    profile = {"scorers": [], "picker": {"type": "coin-flip"}}
+    with pytest.raises(SchedulerConfigError, match="unknown picker 'coin-flip'; known: max-score, round-robin"):
+        parse_config({"profiles": {"prefill": profile, "decode": profile}})

@@ -3,7 +3,8 @@ from collections import Counter
 
 import pytest
 
-from gateway.scheduling.config import POLICIES, parse_config
+from bench.policies import POLICIES
+from gateway.scheduling.config import parse_config
 from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.scheduler import NoCandidateError, Scheduler
 from gateway.scheduling.types import Candidate, RequestInfo

@@ -15,6 +15,7 @@ For each pool size, in this process and with no real worker:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import shutil
 import statistics
@@ -179,7 +180,7 @@ def run_scale_bench(sizes: list[int], decisions: int = 2000, blocks_per_worker: 
 
     result: dict = {"workers": {}}
     have_redis = redis and shutil.which("redis-server") is not None
-    with tempfile.TemporaryDirectory() as tmp, redis_server(tmp) if have_redis else _no_redis() as url:
+    with tempfile.TemporaryDirectory() as tmp, redis_server(tmp) if have_redis else contextlib.nullcontext() as url:
         for n in sizes:
             row = measure_decisions(n, decisions, blocks_per_worker)
             row["events_per_s"] = round(measure_events(n, batches_per_worker=max(2, 20_000 // n)))
@@ -189,11 +190,3 @@ def run_scale_bench(sizes: list[int], decisions: int = 2000, blocks_per_worker: 
     result["targets"] = {"decision_p99_ms": {"100": 1.0, "1000": 5.0}}
     result["discovery"] = "index set + MGET (no SCAN)" if have_redis else "not measured: no redis-server"
     return result
-
-
-class _no_redis:  # noqa: N801 - a context manager standing in for redis_server
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

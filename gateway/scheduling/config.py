@@ -15,6 +15,7 @@ the picker, the imbalance guard and the P/D decider. Validated at start; errors 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
@@ -33,6 +34,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _registered(kind: str, name: str, registry: Iterable[str]) -> str:
+    """`name` if a plugin of that kind is registered under it; else an error listing those that are."""
+    names = list(registry)
+    if name not in names:
+        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(names)}")
+    return name
+
+
 class ScorerSpec(_Strict):
     type: str
     weight: float = Field(1.0, ge=0.0)
@@ -40,9 +49,7 @@ class ScorerSpec(_Strict):
     @field_validator("type")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in SCORER_TYPES:
-            raise ValueError(f"unknown scorer {v!r}; known: {', '.join(SCORER_TYPES)}")
-        return v
+        return _registered("scorer", v, SCORER_TYPES)
 
 
 class PickerSpec(_Strict):
@@ -52,9 +59,7 @@ class PickerSpec(_Strict):
     @field_validator("type")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in PICKERS:
-            raise ValueError(f"unknown picker {v!r}; known: {', '.join(PICKERS)}")
-        return v
+        return _registered("picker", v, PICKERS)
 
 
 class ProfileSpec(_Strict):
@@ -65,10 +70,7 @@ class ProfileSpec(_Strict):
     @field_validator("filters")
     @classmethod
     def _known_filters(cls, v: list[str]) -> list[str]:
-        for f in v:
-            if f not in FILTERS:
-                raise ValueError(f"unknown filter {f!r}; known: {', '.join(sorted(FILTERS))}")
-        return v
+        return [_registered("filter", f, sorted(FILTERS)) for f in v]
 
 
 class ImbalanceSpec(_Strict):

@@ -65,6 +65,23 @@ class WorkerSettings(BaseSettings):
         "and no registry or shared key, only loopback addresses",
     )
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    models: list[str] = Field(
+        default_factory=list,
+        description="serve several models (repository ids or paths), each with its own engine and KV cache of "
+        "engine.kv_cache_mb; default: engine.model alone",
+    )
+    preload: list[str] | None = Field(
+        None, description="models loaded at start (ids); default: every model, in order, while the budget allows"
+    )
+    memory_budget_mb: int | None = Field(
+        None,
+        gt=0,
+        description="most memory the models may take together (weights and KV caches); a model not loaded is "
+        "loaded on its first request, evicting the least recently used idle ones; default: no budget",
+    )
+    model_load_timeout_s: float = Field(
+        60.0, gt=0, description="how long a request waits for the models in use to free the budget"
+    )
     registry: str | None = Field(None, description="redis:// URL of the worker registry; unset: not registered")
     registry_prefix: str = Field("kvrelay", min_length=1, description="key prefix shared by one deployment")
     heartbeat_s: float = Field(1.0, gt=0, description="how often the registry record is renewed")
@@ -147,7 +164,14 @@ class GatewaySettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     model: str | None = Field(None, description="model path, for the tokenizer and chat template")
-    served_model_name: str | None = Field(None, description="name clients use; default: the model file's stem")
+    served_model_name: str | None = Field(
+        None, description="another name clients may use for the (first) model; default: its id only"
+    )
+    models: list[str] = Field(
+        default_factory=list,
+        description="serve several models (repository ids or paths): requests are routed by their `model` to the "
+        "workers serving it; default: `model` alone",
+    )
     prefill: list[str] = Field(default_factory=list, description="prefill worker addresses host:port")
     decode: list[str] = Field(default_factory=list, description="decode worker addresses host:port")
     routing_headers: bool = Field(

@@ -30,6 +30,7 @@ from common.serving.metrics import (
     TRANSFER_SECONDS,
     TTFT,
 )
+from common.serving.model_pool import ModelPool
 from common.serving.phases import PhaseTimer
 from decode_worker.sources import TrustedSources
 from kvtransfer.base import KVTransferClient, TransferResult
@@ -61,6 +62,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self.channels = channels
         self.sources = sources
         self.transfer_timeout_s = transfer_timeout_s
+
+    def close(self) -> None:
+        """The model is being unloaded: let go of what the transfer clients registered."""
+        for client in self.transfers.values():
+            close = getattr(client, "close", None)
+            if close is not None:
+                close()
 
     async def Decode(  # noqa: N802
         self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext
@@ -225,3 +233,25 @@ def _chunk(out: RequestOutput) -> decode_pb2.TokenChunk:
         )
         chunk.text = out.text or ""
     return chunk
+
+
+class DecodeDispatch(decode_pb2_grpc.DecodeServiceServicer):
+    """The worker's DecodeService: each call goes to its model's servicer (loaded first if need be);
+    a Decode names its model, or its KV handle does."""
+
+    def __init__(self, pool: ModelPool) -> None:
+        self.pool = pool
+
+    async def Decode(  # noqa: N802
+        self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[decode_pb2.TokenChunk]:
+        async with self.pool.use(request.model or request.handle.layout.model_id) as model:
+            async for chunk in model.services.Decode(request, context):
+                yield chunk
+
+    async def Generate(  # noqa: N802
+        self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[decode_pb2.TokenChunk]:
+        async with self.pool.use(request.model) as model:
+            async for chunk in model.services.Generate(request, context):
+                yield chunk

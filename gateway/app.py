@@ -15,11 +15,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.discovery.record import RegistryKeys
 from common.discovery.redis_client import check_redis, open_redis
-from common.model.gguf_meta import context_length
-from common.model_source import resolve_model
+from common.kv.block_hash import model_salt
 from common.rpc.channels import ChannelPool
 from common.settings import GatewaySettings, read_secret
-from common.tokenizer import Tokenizer
 from common.tracing.setup import init_tracing, kvrelay_version, shutdown_tracing
 from gateway.access import AuthMiddleware, Authorizer
 from gateway.accounting import RequestAccounting
@@ -27,6 +25,7 @@ from gateway.admission import PRIORITIES, Admission
 from gateway.api_keys import KeyStore
 from gateway.body_limit import BodyLimitMiddleware
 from gateway.cancellation import cancel_and_wait
+from gateway.catalog import ModelCatalog, ServedModel
 from gateway.client_gone import ClientGoneError
 from gateway.discovery import RedisDiscovery, StaticDiscovery
 from gateway.errors import APIError, api_error_handler, http_error_handler, unexpected_error_handler
@@ -38,7 +37,7 @@ from gateway.metrics import INFO
 from gateway.observer import RequestObserver
 from gateway.ops import add_ops_routes, health
 from gateway.orchestrator import Orchestrator
-from gateway.prepare import Prepared, Preparer, parse_body
+from gateway.prepare import Prepared, parse_body
 from gateway.rate_limits import MemoryBuckets, RedisBuckets
 from gateway.registry import WorkerRegistry
 from gateway.responses import Responder, Shape
@@ -52,12 +51,10 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
-    source = resolve_model(settings.model)
-    tokenizer = Tokenizer.from_source(source)
-    model_name = settings.served_model_name or source.model_id
+    catalog = ModelCatalog(settings)
+    model_name = catalog.names()[0]
     init_tracing("kvrelay-gateway", settings.tracing, attributes={"kvrelay.model": model_name}, edge=True)
     INFO.labels(model_name, kvrelay_version()).set(1)
-    max_model_len = settings.max_model_len or min(context_length(source), 8192)
     channels = ChannelPool(settings.tls)
     index = PrefixIndex()
     if settings.registry:
@@ -73,13 +70,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     else:
         discovery = StaticDiscovery(settings.prefill, settings.decode)
         watcher = KVEventWatcher(channels, index)
-    registry = WorkerRegistry(channels, discovery, settings.health_interval_s, source.model_id, watcher)
+    registry = WorkerRegistry(channels, discovery, settings.health_interval_s, catalog.default.model_id, watcher)
     scheduler = Scheduler(load_config(settings.scheduler_config), index)
     orchestrator = Orchestrator(registry, channels, settings, scheduler)
-    preparer = Preparer(tokenizer, {model_name, source.model_id}, max_model_len, settings)
     supervisor = Supervisor(orchestrator, registry, settings.migration)
     admission = Admission(settings.admission, registry)
-    responder = Responder(supervisor, admission, tokenizer, model_name, settings.routing_headers)
+    responder = Responder(supervisor, admission, settings.routing_headers)
     lifecycle = Lifecycle(settings.drain_notice_s, settings.shutdown_timeout_s)
     keys = KeyStore(
         settings.auth.keys_file, settings.registry, settings.registry_prefix, read_secret(settings.shared_secret_file)
@@ -136,9 +132,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         request: Request, shape: Shape, request_id: str, prep: Prepared, priority: str | None
     ) -> Response:
         prep.priority = _priority(request, priority)
-        salt = authorizer.cache_salt(request, prep.params.cache_salt)
-        if salt != prep.params.cache_salt:
-            prep.params = dataclasses.replace(prep.params, cache_salt=salt)
+        # Each model's prefix chains start from its own root, so one worker's cache events never make
+        # one model's blocks look cached for another (and a tenant's salt keeps tenants apart).
+        salt = model_salt(prep.model, authorizer.cache_salt(request, prep.params.cache_salt))
+        prep.params = dataclasses.replace(prep.params, cache_salt=salt)
         await authorizer.reserve(request, len(prep.prompt_ids) + prep.params.max_tokens, request.state.record.on_end)
         try:
             return await responder.respond(shape, request_id, prep, request)
@@ -151,8 +148,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         lifecycle.check_accepting()
         body = await parse_body(request, ChatCompletionRequest)
         authorizer.check_model(request, body.model)
+        served = _served(body.model)
         # Tokenizing and templating run off the event loop: a huge prompt must not stall other requests.
-        prep = await asyncio.to_thread(preparer.chat, body)
+        prep = await asyncio.to_thread(served.preparer.chat, body)
         return await generate(request, Shape("chat"), f"chatcmpl-{uuid.uuid4().hex}", prep, body.priority)
 
     @app.post("/v1/completions")
@@ -160,26 +158,27 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         lifecycle.check_accepting()
         body = await parse_body(request, CompletionRequest)
         authorizer.check_model(request, body.model)
-        prep = await asyncio.to_thread(preparer.completion, body)
+        prep = await asyncio.to_thread(_served(body.model).preparer.completion, body)
         return await generate(request, Shape("text"), f"cmpl-{uuid.uuid4().hex}", prep, body.priority)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         key = Authorizer.key_of(request)
-        served = [model_name] if key is None or key.allows(model_name) else []  # a key sees only its models
+        listed = []
+        for name in catalog.names():
+            if key is None or key.allows(name):  # a key sees only its models
+                listed.append({"id": name, "max_model_len": catalog.get(name).max_model_len})
+        created = int(time.time())
         return {
             "object": "list",
-            "data": [
-                {
-                    "id": m,
-                    "object": "model",
-                    "created": int(time.time()),
-                    "owned_by": "kvrelay",
-                    "max_model_len": max_model_len,
-                }
-                for m in served
-            ],
+            "data": [{**m, "object": "model", "created": created, "owned_by": "kvrelay"} for m in listed],
         }
+
+    def _served(name: str) -> ServedModel:
+        served = catalog.get(name)
+        if served is None:
+            raise catalog.not_found(name)
+        return served
 
     ops = FastAPI(title="kvrelay gateway (internal)") if settings.internal_port is not None else app
     add_ops_routes(ops, registry, lifecycle)

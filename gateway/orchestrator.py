@@ -79,10 +79,13 @@ class Orchestrator:
         self._rng = random.Random()
         self._background: set[asyncio.Task] = set()
 
-    def route(self, prompt_ids: list[int], avoid: frozenset[str] = frozenset(), cache_salt: str = "") -> Route:
-        """Choose workers for this prompt, never one of `avoid` (addresses that just failed it)."""
+    def route(
+        self, prompt_ids: list[int], avoid: frozenset[str] = frozenset(), cache_salt: str = "", model: str = ""
+    ) -> Route:
+        """Choose workers for this prompt and model ("": the default one), never one of `avoid`
+        (addresses that just failed it)."""
         with _tracer.start_as_current_span("schedule") as span:
-            route = self._route(prompt_ids, avoid, span, cache_salt)
+            route = self._route(prompt_ids, avoid, span, cache_salt, model)
             span.set_attributes(
                 {
                     "kvrelay.schedule.mode": route.mode,
@@ -94,12 +97,14 @@ class Orchestrator:
             )
             return route
 
-    def _route(self, prompt_ids: list[int], avoid: frozenset[str], span: trace.Span, cache_salt: str) -> Route:
-        bs = self.registry.block_size()
+    def _route(
+        self, prompt_ids: list[int], avoid: frozenset[str], span: trace.Span, cache_salt: str, model: str
+    ) -> Route:
+        bs = self.registry.block_size(model)
         req = RequestInfo(len(prompt_ids), tuple(block_hashes(prompt_ids, bs, cache_salt)), bs)
         pools: dict[str, list] = {"prefill": [], "decode": []}
         for role, pool in pools.items():
-            view = self.registry.pool(role)
+            view = self.registry.pool(role, model)
             keep = shortlist(view.by_load, req.block_hashes, self.scheduler.index, self._rng)
             for w, worker_id in zip(view.states, view.ids, strict=True):
                 if w.address in avoid or (keep is not None and worker_id not in keep):
@@ -107,6 +112,7 @@ class Orchestrator:
                 tokens = self.ledger.tokens[worker_id]
                 if role == "decode":
                     candidate = w.candidate(
+                        model or self.registry.model_id,
                         view.layout_errors.get(w.address),
                         tokens,
                         self.ledger.pending_blocks(worker_id, w.last_seen),
@@ -114,7 +120,7 @@ class Orchestrator:
                         self.settings.admission.max_streams_per_decode_worker,
                     )
                 else:
-                    candidate = w.candidate(view.layout_errors.get(w.address), tokens)
+                    candidate = w.candidate(model or self.registry.model_id, view.layout_errors.get(w.address), tokens)
                 pool.append(candidate)
         try:
             sched = self.scheduler.schedule(req, pools["prefill"], pools["decode"])
@@ -151,17 +157,17 @@ class Orchestrator:
         )
 
     async def attempt(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, route: Route
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, route: Route, model: str = ""
     ) -> AsyncIterator[Delta]:
         """Serve the request once over `route`. Raises WorkerFailure when a worker fails it."""
-        block_size = self.registry.block_size()
+        block_size = self.registry.block_size(model)
         blocks = -(-(len(prompt_ids) + 1) // block_size)
         charge = self.ledger.charge(route.workers, len(prompt_ids), route.decode_id, blocks)
         try:
             if route.prefill is None:
-                deltas = self._colocated(request_id, prompt_ids, params, route, charge)
+                deltas = self._colocated(request_id, prompt_ids, params, route, charge, model)
             else:
-                deltas = self._disaggregated(request_id, prompt_ids, params, route, charge)
+                deltas = self._disaggregated(request_id, prompt_ids, params, route, charge, model)
             async with contextlib.aclosing(deltas):
                 async for delta in deltas:
                     yield delta
@@ -169,12 +175,14 @@ class Orchestrator:
             self.ledger.settle(charge)
 
     async def _colocated(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, route: Route, charge: Charge
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, route: Route, charge: Charge, model: str
     ) -> AsyncIterator[Delta]:
         with _client_span("decode", route.decode) as span:
             stub = decode_pb2_grpc.DecodeServiceStub(self.channels.get(route.decode))
             call = stub.Generate(
-                decode_pb2.GenerateRequest(request_id=request_id, token_ids=prompt_ids, params=params_to_proto(params)),
+                decode_pb2.GenerateRequest(
+                    request_id=request_id, token_ids=prompt_ids, params=params_to_proto(params), model=model
+                ),
                 timeout=self.settings.request_timeout_s,
                 metadata=outgoing_metadata(span),
             )
@@ -182,7 +190,7 @@ class Orchestrator:
                 yield delta
 
     async def _disaggregated(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, route: Route, charge: Charge
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, route: Route, charge: Charge, model: str
     ) -> AsyncIterator[Delta]:
         assert route.prefill is not None
         wire = params_to_proto(params)
@@ -190,7 +198,7 @@ class Orchestrator:
             prefill = prefill_pb2_grpc.PrefillServiceStub(self.channels.get(route.prefill))
             try:
                 resp = await prefill.Prefill(
-                    prefill_pb2.PrefillRequest(request_id=request_id, token_ids=prompt_ids, params=wire),
+                    prefill_pb2.PrefillRequest(request_id=request_id, token_ids=prompt_ids, params=wire, model=model),
                     timeout=self.settings.prefill_timeout_s,
                     metadata=outgoing_metadata(span),
                 )
@@ -225,6 +233,7 @@ class Orchestrator:
                         prompt_token_ids=prompt_ids,
                         first_token=resp.first_token,
                         params=wire,
+                        model=model,
                     ),
                     timeout=self.settings.request_timeout_s,
                     metadata=outgoing_metadata(span),

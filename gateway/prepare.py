@@ -31,6 +31,9 @@ class Prepared:
     priority: str = "interactive"  # "interactive" | "batch"
     # The input as GenAI messages ({"role", "content"}), recorded in spans only when content capture is on.
     input_messages: list[dict] | None = None
+    model: str = ""  # the served model id workers run it on
+    model_name: str = ""  # the name the client asked for (a model's, or a route's)
+    tokenizer: Tokenizer | None = None  # the model's, for the output text
 
 
 async def parse_body(request: Request, model: type[M]) -> M:
@@ -63,14 +66,15 @@ async def parse_body(request: Request, model: type[M]) -> M:
 
 
 class Preparer:
-    def __init__(self, tokenizer: Tokenizer, model_names: set[str], max_model_len: int, settings) -> None:  # noqa: ANN001
+    """One served model's: its tokenizer and context window decide what a request may be."""
+
+    def __init__(self, tokenizer: Tokenizer, model_id: str, max_model_len: int, settings) -> None:  # noqa: ANN001
         self.tokenizer = tokenizer
-        self.model_names = model_names
+        self.model_id = model_id
         self.max_model_len = max_model_len
         self.settings = settings
 
     def chat(self, body: ChatCompletionRequest) -> Prepared:
-        self._common(body)
         try:
             ids = self.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
         except InvalidRequestError as e:
@@ -82,7 +86,6 @@ class Preparer:
         return prep
 
     def completion(self, body: CompletionRequest) -> Prepared:
-        self._common(body)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             if len(prompt) != 1:
@@ -98,15 +101,6 @@ class Preparer:
         if isinstance(prompt, str):
             prep.input_messages = [{"role": "user", "content": prompt}]
         return prep
-
-    def _common(self, body: ChatCompletionRequest | CompletionRequest) -> None:
-        if body.model not in self.model_names:
-            raise APIError(
-                404,
-                f"model {body.model!r} does not exist; available: {sorted(self.model_names)}",
-                param="model",
-                code="model_not_found",
-            )
 
     def _finish(self, body, ids: list[int], max_tokens: int | None, prompt_param: str, mt_param: str) -> Prepared:  # noqa: ANN001
         if not ids:
@@ -154,7 +148,16 @@ class Preparer:
         if params.logit_bias and (top := max(t for t, _ in params.logit_bias)) >= vocab:
             raise bad_request(f"logit_bias token id {top} is outside the model's vocabulary [0, {vocab})", "logit_bias")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return Prepared(ids, params, body.stream, include_usage, body.return_token_ids)
+        return Prepared(
+            ids,
+            params,
+            body.stream,
+            include_usage,
+            body.return_token_ids,
+            model=self.model_id,
+            model_name=body.model,
+            tokenizer=self.tokenizer,
+        )
 
 
 def _check_strings(data: dict) -> None:

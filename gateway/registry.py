@@ -33,6 +33,7 @@ class WorkerState:
     stats: worker_pb2.StatsResponse | None = None
     last_seen: float = 0.0
     error: str | None = None
+    models: dict[str, worker_pb2.ModelStats] = field(default_factory=dict)  # from stats, per poll
 
     @property
     def worker_id(self) -> str:
@@ -40,6 +41,7 @@ class WorkerState:
 
     def candidate(
         self,
+        model: str,
         layout_error: str | None,
         inflight_tokens: int,
         pending_blocks: int = 0,
@@ -47,6 +49,7 @@ class WorkerState:
         stream_limit: int = 0,
     ) -> Candidate:
         s = self.stats
+        m = self.models.get(model)
         return Candidate(
             worker_id=self.worker_id,
             address=self.address,
@@ -56,24 +59,42 @@ class WorkerState:
             layout_ok=layout_error is None,
             waiting=s.waiting if s else 0,
             running=s.running if s else 0,
-            free_blocks=s.free_blocks if s else 0,
-            total_blocks=s.total_blocks if s else 1,
+            free_blocks=m.free_blocks if m else 0,
+            total_blocks=m.total_blocks if m and m.total_blocks else 1,
             inflight_tokens=inflight_tokens,
             pending_blocks=pending_blocks,
             streams=max(streams, s.running + s.waiting if s else 0),
             stream_limit=stream_limit,
+            serves_model=m is not None,
+            model_loaded=m is not None and m.loaded,
         )
+
+
+def _models_of(stats: worker_pb2.StatsResponse) -> dict[str, worker_pb2.ModelStats]:
+    if stats.models:
+        return {m.model_id: m for m in stats.models}
+    # A worker that reports one model only, in the top-level fields.
+    one = worker_pb2.ModelStats(
+        model_id=stats.model_id,
+        loaded=True,
+        layout=stats.layout,
+        free_blocks=stats.free_blocks,
+        total_blocks=stats.total_blocks,
+        max_model_len=stats.max_model_len,
+    )
+    return {stats.model_id: one}
 
 
 @dataclass(frozen=True)
 class PoolView:
-    """One role's workers as of the last poll, for the per-request path: computed once per poll
-    (or when a worker is marked down), not once per request."""
+    """One role's workers for one model as of the last poll, for the per-request path: computed once
+    per poll (or when a worker is marked down), not once per request."""
 
-    states: list[WorkerState]
+    states: list[WorkerState]  # every worker of the role (those that do not serve the model are filtered)
     ids: list[str]  # the states' worker ids, in the same order
-    by_load: list[str]  # healthy worker ids, least loaded first (queued + running in their Stats)
-    layout_errors: dict[str, str]  # address -> why it must not be chosen
+    by_load: list[str]  # healthy worker ids serving the model, least loaded first (queued + running)
+    layout_errors: dict[str, str]  # address -> why it must not be chosen for this model
+    block_size: int = 16  # tokens per KV block of this model in the decode pool
 
 
 @dataclass
@@ -81,33 +102,46 @@ class WorkerRegistry:
     channels: ChannelPool
     discovery: StaticDiscovery
     interval_s: float = 1.0
-    model_id: str = ""
+    model_id: str = ""  # the default model: of calls that name none
     watcher: KVEventWatcher | None = None
     workers: dict[tuple[str, str], WorkerState] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._task: asyncio.Task | None = None
         self._stopping = False
-        self._views: dict[str, PoolView] | None = None
-        self._block_size = 16
+        self._views: dict[tuple[str, str], PoolView] | None = None
 
-    def pool(self, role: str) -> PoolView:
+    def pool(self, role: str, model: str = "") -> PoolView:
         if self._views is None:
             self.refresh_views()
         assert self._views is not None
-        return self._views[role]
+        model = model or self.model_id
+        view = self._views.get((role, model))
+        if view is None:  # no worker serves it: every worker of the role, none chosen
+            states = [w for w in self.workers.values() if w.role == role]
+            view = PoolView(states, [w.worker_id for w in states], [], {})
+        return view
+
+    def models(self) -> set[str]:
+        """Every model some worker serves, as of the last poll."""
+        return {m for w in self.workers.values() for m in w.models}
 
     def refresh_views(self) -> None:
-        errors = self.layout_errors()
+        for w in self.workers.values():
+            w.models = _models_of(w.stats) if w.stats is not None else {}
         views = {}
-        for role in ("prefill", "decode"):
-            states = [w for w in self.workers.values() if w.role == role]
-            healthy = [w for w in states if w.healthy and w.stats is not None]
-            healthy.sort(key=lambda w: (w.stats.waiting + w.stats.running, w.worker_id))
-            views[role] = PoolView(states, [w.worker_id for w in states], [w.worker_id for w in healthy], errors)
+        for model in self.models() | {self.model_id}:
+            errors = self.layout_errors(model)
+            ref = self.reference_layout(model)
+            block_size = ref.block_size if ref is not None else 16
+            for role in ("prefill", "decode"):
+                states = [w for w in self.workers.values() if w.role == role]
+                serving = [w for w in states if w.healthy and w.stats is not None and model in w.models]
+                serving.sort(key=lambda w: (w.stats.waiting + w.stats.running, w.worker_id))
+                views[(role, model)] = PoolView(
+                    states, [w.worker_id for w in states], [w.worker_id for w in serving], errors, block_size
+                )
         self._views = views
-        ref = self.reference_layout()
-        self._block_size = ref.block_size if ref is not None else 16
 
     async def start(self) -> None:
         await self.poll_once()
@@ -133,36 +167,37 @@ class WorkerRegistry:
     def healthy(self, role: str) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.role == role and w.healthy]
 
-    def reference_layout(self) -> types_pb2.KVLayout | None:
-        """The layout KV must have to be exchanged here: that of the first healthy decode worker
-        serving the gateway's model (decode workers are the ones that pull)."""
+    def reference_layout(self, model: str = "") -> types_pb2.KVLayout | None:
+        """The layout `model`'s KV must have to be exchanged here: that of the first healthy decode
+        worker that has loaded it (decode workers are the ones that pull)."""
+        model = model or self.model_id
         for w in sorted(self.healthy("decode"), key=lambda w: w.address):
-            if w.stats and w.stats.model_id == self.model_id:
-                return w.stats.layout
+            m = w.models.get(model)
+            if m is not None and m.HasField("layout"):
+                return m.layout
         return None
 
-    def block_size(self) -> int:
-        """Tokens per KV block of the decode pool, as of the last poll."""
-        if self._views is None:
-            self.refresh_views()
-        return self._block_size
+    def block_size(self, model: str = "") -> int:
+        """Tokens per KV block of `model` in the decode pool, as of the last poll."""
+        return self.pool("decode", model).block_size
 
-    def layout_errors(self) -> dict[str, str]:
-        """address -> why that worker must not be chosen (wrong model, or a layout that differs)."""
-        ref = self.reference_layout()
+    def layout_errors(self, model: str = "") -> dict[str, str]:
+        """address -> why that worker must not be chosen for `model` (a layout that differs)."""
+        model = model or self.model_id
+        ref = self.reference_layout(model)
         errors: dict[str, str] = {}
+        if ref is None:
+            return errors
         for w in self.workers.values():
-            if not w.stats:
+            m = w.models.get(model)
+            if m is None or not m.HasField("layout") or m.layout == ref:
                 continue
-            if w.stats.model_id != self.model_id:
-                errors[w.address] = f"serves model {w.stats.model_id!r}, the gateway serves {self.model_id!r}"
-            elif ref is not None and w.stats.layout != ref:
-                diff = [
-                    f"{f.name}: {getattr(w.stats.layout, f.name)!r} != {getattr(ref, f.name)!r}"
-                    for f in ref.DESCRIPTOR.fields
-                    if getattr(w.stats.layout, f.name) != getattr(ref, f.name)
-                ]
-                errors[w.address] = "KV layout differs from the decode pool's: " + "; ".join(diff)
+            diff = [
+                f"{f.name}: {getattr(m.layout, f.name)!r} != {getattr(ref, f.name)!r}"
+                for f in ref.DESCRIPTOR.fields
+                if getattr(m.layout, f.name) != getattr(ref, f.name)
+            ]
+            errors[w.address] = "KV layout differs from the decode pool's: " + "; ".join(diff)
         return errors
 
     async def poll_once(self) -> None:

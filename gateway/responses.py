@@ -78,15 +78,11 @@ class Responder:
         self,
         supervisor: Supervisor,
         admission: Admission,
-        tokenizer,  # noqa: ANN001
-        model_name: str,
         routing_headers: bool = False,
     ) -> None:
         self.routing_headers = routing_headers
         self.supervisor = supervisor
         self.admission = admission
-        self.tokenizer = tokenizer
-        self.model_name = model_name
         self.gaps = TokenGaps()
         TOKEN_GAP.set_function(self.gaps.max_gap)
 
@@ -95,7 +91,7 @@ class Responder:
     ) -> JSONResponse | StreamingResponse:
         span = trace.get_current_span()
         record = _record_of(request)
-        record.model = self.model_name
+        record.model = prep.model_name
         self._trace_request(span, shape, request_id, prep)
         t0 = time.perf_counter()
         outcome = Outcome(clock=record.clock)
@@ -104,7 +100,7 @@ class Responder:
         try:
             with self.admission.ticket(len(prep.prompt_ids), prep.priority):
                 deltas = self._timed(
-                    self.supervisor.serve(request_id, prep.prompt_ids, prep.params, outcome),
+                    self.supervisor.serve(request_id, prep.prompt_ids, prep.params, outcome, prep.model),
                     outcome,
                     t0,
                     prep,
@@ -135,7 +131,7 @@ class Responder:
                 headers=headers,
             )
         ids, last = await unless_client_leaves(_collect(first, deltas), request)
-        detok = StreamDetokenizer(self.tokenizer, prep.params.stop)
+        detok = StreamDetokenizer(prep.tokenizer, prep.params.stop)
         text = detok.push(ids) + detok.finish(last.text)
         self._trace_output(span, text, last.finish_reason)
         record.succeed(last.finish_reason)
@@ -143,7 +139,7 @@ class Responder:
             "id": request_id,
             "object": shape.object,
             "created": int(time.time()),
-            "model": self.model_name,
+            "model": prep.model_name,
             "choices": [shape.body_choice(text, last.finish_reason)],
             "usage": _usage(last),
         }
@@ -162,14 +158,14 @@ class Responder:
         record: RequestRecord,
     ) -> AsyncIterator[str]:
         created = int(time.time())
-        detok = StreamDetokenizer(self.tokenizer, prep.params.stop)
+        detok = StreamDetokenizer(prep.tokenizer, prep.params.stop)
 
         def event(choices: list[dict], usage: dict | None = None) -> str:
             obj = {
                 "id": request_id,
                 "object": f"{shape.object}.chunk" if shape.kind == "chat" else shape.object,
                 "created": created,
-                "model": self.model_name,
+                "model": prep.model_name,
                 "choices": choices,
             }
             if prep.include_usage:
@@ -218,8 +214,8 @@ class Responder:
             {
                 "gen_ai.operation.name": "chat" if shape.kind == "chat" else "text_completion",
                 "gen_ai.provider.name": "kvrelay",
-                "gen_ai.request.model": self.model_name,
-                "gen_ai.response.model": self.model_name,
+                "gen_ai.request.model": prep.model_name,
+                "gen_ai.response.model": prep.model,
                 "gen_ai.response.id": request_id,
                 "gen_ai.request.max_tokens": p.max_tokens,
                 "gen_ai.request.temperature": p.temperature,
@@ -231,7 +227,7 @@ class Responder:
             }
         )
         if capture_content():
-            messages = prep.input_messages or [{"role": "user", "content": self.tokenizer.decode(prep.prompt_ids)}]
+            messages = prep.input_messages or [{"role": "user", "content": prep.tokenizer.decode(prep.prompt_ids)}]
             span.set_attribute(
                 "gen_ai.input.messages",
                 json.dumps(
@@ -260,7 +256,7 @@ class Responder:
         first_at = None
         ids: list[int] = []
         last: Delta | None = None
-        model = self.model_name
+        model = prep.model_name
         try:
             async with aclosing(deltas):
                 async for d in deltas:

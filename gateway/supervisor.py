@@ -59,7 +59,14 @@ class Supervisor:
         self.registry = registry
         self.budget = budget
 
-    async def serve(self, request_id: str, prompt_ids: list[int], params, outcome: Outcome) -> AsyncIterator[Delta]:  # noqa: ANN001
+    async def serve(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params,  # noqa: ANN001 - SamplingParams
+        outcome: Outcome,
+        model: str = "",
+    ) -> AsyncIterator[Delta]:
         """Deltas of the whole request, across attempts; raises the last failure when the budget is spent."""
         span = trace.get_current_span()
         deadline = time.monotonic() + self.budget.deadline_s
@@ -74,7 +81,7 @@ class Supervisor:
             )
             outcome.clock.enter("schedule")
             try:
-                route = self._route(prompt_ids + sent, avoid, params.cache_salt)
+                route = self._route(prompt_ids + sent, avoid, params.cache_salt, model)
             except APIError as e:
                 if failure is None:
                     raise
@@ -91,7 +98,7 @@ class Supervisor:
             outcome.first_route = outcome.first_route or route
             outcome.attempts += 1
             try:
-                deltas = self.orchestrator.attempt(attempt_id, prompt_ids + sent, remaining, route)
+                deltas = self.orchestrator.attempt(attempt_id, prompt_ids + sent, remaining, route, model)
                 async with aclosing(deltas):
                     async for d in deltas:
                         if outcome.clock.current == "prefill":
@@ -115,15 +122,15 @@ class Supervisor:
                 failure = e
                 self._record(span, outcome, e, len(sent))
 
-    def _route(self, prompt_ids: list[int], avoid: set[str], cache_salt: str) -> Route:
+    def _route(self, prompt_ids: list[int], avoid: set[str], cache_salt: str, model: str) -> Route:
         """Avoiding the workers that failed this request is a preference: when no other worker can
         take it, one of them may (a failed pull, say, need not be the decode worker's fault)."""
         try:
-            return self.orchestrator.route(prompt_ids, frozenset(avoid), cache_salt)
+            return self.orchestrator.route(prompt_ids, frozenset(avoid), cache_salt, model)
         except APIError as e:
             if not avoid or e.code != "no_workers":
                 raise
-        return self.orchestrator.route(prompt_ids, cache_salt=cache_salt)
+        return self.orchestrator.route(prompt_ids, cache_salt=cache_salt, model=model)
 
     @staticmethod
     def _as_one_stream(d: Delta, prompt_ids: list[int], sent: list[int], cached: int, migrated: bool) -> Delta:

@@ -115,6 +115,9 @@ class NixlTransferClient:
         self._agent = _Agent(cache, name)
         self._known: set[str] = set()
 
+    def close(self) -> None:
+        self._agent.close()
+
     async def pull(self, handle: types_pb2.KVHandle, dst_block_ids: list[int], timeout: float) -> TransferResult:
         check_handle(self.cache.layout, handle, dst_block_ids)
         a = self._agent

@@ -10,6 +10,7 @@ import grpc
 from common.errors import InvalidRequestError, KVRelayError
 from common.kv.cache import KVCache
 from common.rpc import kv_pb2, kv_pb2_grpc
+from common.serving.model_pool import ModelPool
 from kvtransfer.grpc_backend import stream_blocks
 from kvtransfer.nixl_backend import NixlKVServer
 from kvtransfer.source import KVSource
@@ -49,3 +50,31 @@ class KVService(kv_pb2_grpc.KVServiceServicer):
         if self.nixl is not None:
             self.nixl.done(request.handle.request_id)
         return kv_pb2.ReleaseResponse(released=released)
+
+
+class KVDispatch(kv_pb2_grpc.KVServiceServicer):
+    """The worker's KVService: each call goes to the service of the model whose KV its handle names.
+    KV lives only in a loaded model, so this never loads one, and a model with KV pinned for a pull
+    is never evicted."""
+
+    def __init__(self, pool: ModelPool) -> None:
+        self.pool = pool
+
+    async def PullBlocks(  # noqa: N802
+        self, request: kv_pb2.PullBlocksRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[kv_pb2.BlockChunk]:
+        async with self.pool.use(request.handle.layout.model_id, load=False) as model:
+            async for chunk in model.services.kv.PullBlocks(request, context):
+                yield chunk
+
+    async def NixlHandshake(  # noqa: N802
+        self, request: kv_pb2.NixlHandshakeRequest, context: grpc.aio.ServicerContext
+    ) -> kv_pb2.NixlHandshakeResponse:
+        async with self.pool.use(request.handle.layout.model_id, load=False) as model:
+            return await model.services.kv.NixlHandshake(request, context)
+
+    async def Release(  # noqa: N802
+        self, request: kv_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> kv_pb2.ReleaseResponse:
+        async with self.pool.use(request.handle.layout.model_id, load=False) as model:
+            return await model.services.kv.Release(request, context)

@@ -12,6 +12,7 @@ from common.engine.async_engine import AsyncEngine
 from common.rpc import prefill_pb2, prefill_pb2_grpc, types_pb2
 from common.rpc.convert import params_from_proto
 from common.serving.metrics import EXPORT, PREFILL, QUEUE, REQUESTS, TTFT
+from common.serving.model_pool import ModelPool
 from common.serving.phases import PhaseTimer
 from kvtransfer.source import EngineKVSource
 
@@ -60,3 +61,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         EXPORT.observe(timer.until("export"))
         timer.record(span)
         return resp
+
+
+class PrefillDispatch(prefill_pb2_grpc.PrefillServiceServicer):
+    """The worker's PrefillService: each call goes to its model's servicer (loaded first if need be)."""
+
+    def __init__(self, pool: ModelPool) -> None:
+        self.pool = pool
+
+    async def Prefill(  # noqa: N802
+        self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> prefill_pb2.PrefillResponse:
+        async with self.pool.use(request.model) as model:
+            return await model.services.prefill.Prefill(request, context)

@@ -24,7 +24,8 @@ class WorkerRecord(BaseModel):
     worker_id: str = Field(min_length=1)
     role: Literal["prefill", "decode"]
     address: str = Field(min_length=3)
-    model_id: str
+    model_id: str  # the first model's
+    models: list[str] = Field(default_factory=list)  # every model it serves, loaded or not
     layout: dict[str, str | int]
     total_blocks: int = Field(ge=0)
     max_model_len: int = Field(ge=0)

@@ -109,6 +109,10 @@ class AsyncEngine:
         return self.engine.cache
 
     @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
     def lease_seconds(self) -> float:
         return self.engine.handoff.lease_seconds
 
@@ -121,6 +125,10 @@ class AsyncEngine:
 
     async def stats(self) -> dict[str, int]:
         """Read directly, not between steps: health checks must not wait for a long prefill step."""
+        return self.engine.stats()
+
+    def stats_now(self) -> dict[str, int]:
+        """The same counters for a caller on another thread (a metrics scrape)."""
         return self.engine.stats()
 
     async def call(self, fn: Callable[[], T]) -> T:

@@ -11,12 +11,13 @@ import torch
 
 from common.config import EngineConfig
 from common.engine.llm_engine import LLMEngine
+from common.kv.events import KVEventLog
 from common.model.loader import gguf_is_quantized, load_model
 from common.model_source import ModelSource, open_gguf, resolve_model
 from common.tokenizer import Tokenizer
 
 
-def build_engine(config: EngineConfig, progress: bool = True) -> LLMEngine:
+def build_engine(config: EngineConfig, progress: bool = True, events: KVEventLog | None = None) -> LLMEngine:
     if config.threads:
         torch.set_num_threads(config.threads)
     source = resolve_model(config.model)
@@ -24,7 +25,7 @@ def build_engine(config: EngineConfig, progress: bool = True) -> LLMEngine:
     quantization = resolve_quantization(config, source)
     model = load_model(source, getattr(torch, config.resolved_dtype()), config.device, progress, quantization)
     _release_load_memory()
-    return LLMEngine(model, config, source.model_id, tokenizer)
+    return LLMEngine(model, config, source.model_id, tokenizer, events)
 
 
 def resolve_quantization(config: EngineConfig, source: ModelSource) -> str:

@@ -31,7 +31,11 @@ class LLMEngine:
         config: EngineConfig,
         model_id: str,
         tokenizer: Tokenizer | None = None,
+        events: KVEventLog | None = None,
     ) -> None:
+        """`events`: the log to report cache changes to; a worker serving several models shares one,
+        so gateways follow one stream per worker (the models' block hashes never collide: the
+        gateway salts each model's chain with its id)."""
         cfg = model.config
         self.config = config
         self.tokenizer = tokenizer
@@ -48,7 +52,7 @@ class LLMEngine:
         )
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_mb * 2**20 // self.layout.block_bytes)
         self.cache = KVCache(self.layout, num_blocks, config.device)
-        self.events = KVEventLog()
+        self.events = events if events is not None else KVEventLog()
         self.blocks = BlockManager(num_blocks, config.block_size, self.events)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache, config.device)

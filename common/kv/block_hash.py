@@ -27,6 +27,12 @@ def root_hash(cache_salt: str = "") -> int:
     )
 
 
+def model_salt(model_id: str, cache_salt: str = "") -> str:
+    """The cache salt that starts `model_id`'s chains: a worker serving several models reports all
+    their blocks on one event stream, and the same tokens must not look cached for another model."""
+    return f"{model_id}\x00{cache_salt}" if model_id else cache_salt
+
+
 def hash_block(parent_hash: int, token_ids: Sequence[int]) -> int:
     """Digest of one full block given its parent's digest."""
     h = hashlib.blake2b(digest_size=8)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import types_pb2 as kvrelay_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvrelay/v1/decode.proto\x12\nkvrelay.v1\x1a\x16kvrelay/v1/types.proto\"\xaa\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x06handle\x18\x02 \x01(\x0b\x32\x14.kvrelay.v1.KVHandle\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x13\n\x0b\x66irst_token\x18\x04 \x01(\r\x12*\n\x06params\x18\x05 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParamsJ\x04\x08\x06\x10\x07\"d\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\"\xa5\x01\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.kvrelay.v1.Usage\x12\x0c\n\x04text\x18\x05 \x01(\t\x12+\n\x08transfer\x18\x06 \x01(\x0b\x32\x19.kvrelay.v1.TransferStats\"P\n\rTransferStats\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x32\x91\x01\n\rDecodeService\x12=\n\x06\x44\x65\x63ode\x12\x19.kvrelay.v1.DecodeRequest\x1a\x16.kvrelay.v1.TokenChunk0\x01\x12\x41\n\x08Generate\x12\x1b.kvrelay.v1.GenerateRequest\x1a\x16.kvrelay.v1.TokenChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvrelay/v1/decode.proto\x12\nkvrelay.v1\x1a\x16kvrelay/v1/types.proto\"\xb9\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x06handle\x18\x02 \x01(\x0b\x32\x14.kvrelay.v1.KVHandle\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x13\n\x0b\x66irst_token\x18\x04 \x01(\r\x12*\n\x06params\x18\x05 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\x12\r\n\x05model\x18\x07 \x01(\tJ\x04\x08\x06\x10\x07\"s\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\x12\r\n\x05model\x18\x04 \x01(\t\"\xa5\x01\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.kvrelay.v1.Usage\x12\x0c\n\x04text\x18\x05 \x01(\t\x12+\n\x08transfer\x18\x06 \x01(\x0b\x32\x19.kvrelay.v1.TransferStats\"P\n\rTransferStats\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x32\x91\x01\n\rDecodeService\x12=\n\x06\x44\x65\x63ode\x12\x19.kvrelay.v1.DecodeRequest\x1a\x16.kvrelay.v1.TokenChunk0\x01\x12\x41\n\x08Generate\x12\x1b.kvrelay.v1.GenerateRequest\x1a\x16.kvrelay.v1.TokenChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvrelay.v1.decode_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECODEREQUEST']._serialized_start=64
-  _globals['_DECODEREQUEST']._serialized_end=234
-  _globals['_GENERATEREQUEST']._serialized_start=236
-  _globals['_GENERATEREQUEST']._serialized_end=336
-  _globals['_TOKENCHUNK']._serialized_start=339
-  _globals['_TOKENCHUNK']._serialized_end=504
-  _globals['_TRANSFERSTATS']._serialized_start=506
-  _globals['_TRANSFERSTATS']._serialized_end=586
-  _globals['_DECODESERVICE']._serialized_start=589
-  _globals['_DECODESERVICE']._serialized_end=734
+  _globals['_DECODEREQUEST']._serialized_end=249
+  _globals['_GENERATEREQUEST']._serialized_start=251
+  _globals['_GENERATEREQUEST']._serialized_end=366
+  _globals['_TOKENCHUNK']._serialized_start=369
+  _globals['_TOKENCHUNK']._serialized_end=534
+  _globals['_TRANSFERSTATS']._serialized_start=536
+  _globals['_TRANSFERSTATS']._serialized_end=616
+  _globals['_DECODESERVICE']._serialized_start=619
+  _globals['_DECODESERVICE']._serialized_end=764
 # @@protoc_insertion_point(module_scope)

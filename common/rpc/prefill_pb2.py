@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import types_pb2 as kvrelay_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvrelay/v1/prefill.proto\x12\nkvrelay.v1\x1a\x16kvrelay/v1/types.proto\"c\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\"\xa5\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12$\n\x06handle\x18\x02 \x01(\x0b\x32\x14.kvrelay.v1.KVHandle\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.kvrelay.v1.Usage\x12\x0c\n\x04text\x18\x06 \x01(\t2T\n\x0ePrefillService\x12\x42\n\x07Prefill\x12\x1a.kvrelay.v1.PrefillRequest\x1a\x1b.kvrelay.v1.PrefillResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvrelay/v1/prefill.proto\x12\nkvrelay.v1\x1a\x16kvrelay/v1/types.proto\"r\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.kvrelay.v1.SamplingParams\x12\r\n\x05model\x18\x04 \x01(\t\"\xa5\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12$\n\x06handle\x18\x02 \x01(\x0b\x32\x14.kvrelay.v1.KVHandle\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.kvrelay.v1.Usage\x12\x0c\n\x04text\x18\x06 \x01(\t2T\n\x0ePrefillService\x12\x42\n\x07Prefill\x12\x1a.kvrelay.v1.PrefillRequest\x1a\x1b.kvrelay.v1.PrefillResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvrelay.v1.prefill_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLREQUEST']._serialized_start=64
-  _globals['_PREFILLREQUEST']._serialized_end=163
-  _globals['_PREFILLRESPONSE']._serialized_start=166
-  _globals['_PREFILLRESPONSE']._serialized_end=331
-  _globals['_PREFILLSERVICE']._serialized_start=333
-  _globals['_PREFILLSERVICE']._serialized_end=417
+  _globals['_PREFILLREQUEST']._serialized_end=178
+  _globals['_PREFILLRESPONSE']._serialized_start=181
+  _globals['_PREFILLRESPONSE']._serialized_end=346
+  _globals['_PREFILLSERVICE']._serialized_start=348
+  _globals['_PREFILLSERVICE']._serialized_end=432
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("worker_id", "role", "model_id", "layout", "waiting", "running", "pinned", "free_blocks", "total_blocks", "cached_blocks", "prefix_query_tokens", "prefix_hit_tokens", "transfer_backends", "transfer_endpoint", "max_model_len", "draining")
+    __slots__ = ("worker_id", "role", "model_id", "layout", "waiting", "running", "pinned", "free_blocks", "total_blocks", "cached_blocks", "prefix_query_tokens", "prefix_hit_tokens", "transfer_backends", "transfer_endpoint", "max_model_len", "draining", "models", "memory_budget_bytes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,8 @@ class StatsResponse(_message.Message):
     TRANSFER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     model_id: str
@@ -59,7 +61,37 @@ class StatsResponse(_message.Message):
     transfer_endpoint: str
     max_model_len: int
     draining: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., model_id: _Optional[str] = ..., layout: _Optional[_Union[_types_pb2.KVLayout, _Mapping]] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., pinned: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., transfer_backends: _Optional[_Iterable[str]] = ..., transfer_endpoint: _Optional[str] = ..., max_model_len: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    models: _containers.RepeatedCompositeFieldContainer[ModelStats]
+    memory_budget_bytes: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., model_id: _Optional[str] = ..., layout: _Optional[_Union[_types_pb2.KVLayout, _Mapping]] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., pinned: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., transfer_backends: _Optional[_Iterable[str]] = ..., transfer_endpoint: _Optional[str] = ..., max_model_len: _Optional[int] = ..., draining: _Optional[bool] = ..., models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
+
+class ModelStats(_message.Message):
+    __slots__ = ("model_id", "loaded", "layout", "waiting", "running", "pinned", "free_blocks", "total_blocks", "max_model_len", "footprint_bytes", "loads", "evictions")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    FOOTPRINT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOADS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    loaded: bool
+    layout: _types_pb2.KVLayout
+    waiting: int
+    running: int
+    pinned: int
+    free_blocks: int
+    total_blocks: int
+    max_model_len: int
+    footprint_bytes: int
+    loads: int
+    evictions: int
+    def __init__(self, model_id: _Optional[str] = ..., loaded: _Optional[bool] = ..., layout: _Optional[_Union[_types_pb2.KVLayout, _Mapping]] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., pinned: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., footprint_bytes: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
 
 class WatchEventsRequest(_message.Message):
     __slots__ = ("after_seq",)

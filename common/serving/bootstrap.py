@@ -1,24 +1,24 @@
-"""Start a worker process: engine, gRPC server with the role's services, metrics, clean shutdown."""
+"""Start a worker process: its models (common/serving/model_pool.py), the gRPC server with the role's
+services, metrics, clean shutdown."""
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import signal
 import uuid
-from collections.abc import Callable
+from typing import Protocol
 
 import grpc
 
 from common.engine.async_engine import AsyncEngine
-from common.engine.factory import build_engine
 from common.rpc import worker_pb2_grpc
 from common.rpc.channels import CHANNEL_OPTIONS
 from common.serving.drain import drain
 from common.serving.grpc_errors import ErrorInterceptor
 from common.serving.health import WorkerHealth
 from common.serving.metrics import serve_metrics
+from common.serving.model_pool import ModelPool
 from common.serving.presence import RegistryPresence
 from common.serving.worker_servicer import WorkerIdentity, WorkerServicer
 from common.settings import WorkerSettings
@@ -26,14 +26,25 @@ from common.tracing.setup import init_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
 
-AddServices = Callable[[grpc.aio.Server, AsyncEngine, WorkerIdentity], object]
+
+class Role(Protocol):
+    """What a worker role adds to the common worker: the services around each model's engine, and
+    the servicers on the gRPC server that send each call to its model's services."""
+
+    backends: tuple[str, ...]
+
+    def for_model(self, engine: AsyncEngine, identity: WorkerIdentity) -> object:
+        """One model's services (may have `close()`, called when the model is evicted)."""
+        ...
+
+    def register(self, server: grpc.aio.Server, pool: ModelPool) -> None: ...
+
+    async def close(self) -> None: ...
 
 
-async def run_worker(settings: WorkerSettings, add_services: AddServices, backends: tuple[str, ...]) -> None:
+async def run_worker(settings: WorkerSettings, role: Role) -> None:
     worker_id = settings.worker_id or f"{settings.role}-{uuid.uuid4().hex[:8]}"
     init_tracing(f"kvrelay-{settings.role}", settings.tracing, instance_id=worker_id)
-    engine = build_engine(settings.engine)
-    runner = AsyncEngine(engine)
     server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)
     port = _listen(server, settings)
     if settings.port == 0:  # a free port was asked for: advertise the one it got
@@ -43,35 +54,45 @@ async def run_worker(settings: WorkerSettings, add_services: AddServices, backen
         worker_id=worker_id,
         role=settings.role,
         address=settings.address,
-        transfer_backends=backends,
+        transfer_backends=role.backends,
     )
-    servicer = WorkerServicer(runner, identity)
+    budget = settings.memory_budget_mb * 2**20 if settings.memory_budget_mb else None
+    pool = ModelPool(
+        settings.models or [settings.engine.model or "default"],
+        settings.engine,
+        lambda engine: role.for_model(engine, identity),
+        budget,
+        settings.model_load_timeout_s,
+        progress=True,
+    )
+    await pool.preload(settings.preload)
+    servicer = WorkerServicer(pool, identity)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     health = WorkerHealth()
     health.add_to(server)
-    extra = add_services(server, runner, identity)
+    role.register(server, pool)
     metrics_port = settings.metrics_port if settings.metrics_port is not None else settings.port + 1000
-    metrics_port = serve_metrics(engine, settings.role, worker_id, settings.host, metrics_port)
+    metrics_port = serve_metrics(pool, settings.role, worker_id, settings.host, metrics_port)
     await server.start()
     try:
         if settings.health_port is not None:
             await health.serve_alone(settings.host, settings.health_port)
-        presence = await RegistryPresence.open(settings, identity, engine) if settings.registry else None
+        presence = await RegistryPresence.open(settings, identity, pool) if settings.registry else None
     except BaseException:
         await health.stop()
         await server.stop(None)
-        runner.shutdown()
+        await pool.shutdown()
         raise
     await health.set_serving(True)
     log.info(
         "%s worker %s serving %s on %s:%d (metrics :%d, transfer %s)",
         settings.role,
         identity.worker_id,
-        engine.layout.model_id,
+        ", ".join(pool.known),
         settings.host,
         port,
         metrics_port,
-        backends,
+        role.backends,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -80,14 +101,10 @@ async def run_worker(settings: WorkerSettings, add_services: AddServices, backen
     await stop.wait()
     log.info("%s worker %s stopping", settings.role, identity.worker_id)
     await health.set_serving(False)
-    await drain(settings, servicer, runner, server, presence)
-    close = getattr(extra, "close", None)
-    if close is not None:
-        result = close()
-        if inspect.isawaitable(result):
-            await result
+    await drain(settings, servicer, pool, server, presence)
+    await pool.shutdown()
+    await role.close()
     await health.stop()
-    runner.shutdown()
     shutdown_tracing()
 
 

@@ -3,7 +3,7 @@
 1. report `draining` in Stats and leave the registry, so gateways stop choosing this worker;
 2. keep serving for `drain_notice_s`, the time gateways need to notice (a request routed here just
    before they did still succeeds);
-3. wait until the engine holds nothing: no queued or running request, no prefill KV still pinned
+3. wait until no engine holds anything: no queued or running request, no prefill KV still pinned
    for a decode worker to pull;
 4. stop the gRPC server, letting in-flight calls end within what is left of `drain_timeout_s`.
 """
@@ -16,7 +16,7 @@ import time
 
 import grpc
 
-from common.engine.async_engine import AsyncEngine
+from common.serving.model_pool import ModelPool
 from common.serving.presence import RegistryPresence
 from common.serving.worker_servicer import WorkerServicer
 from common.settings import WorkerSettings
@@ -28,7 +28,7 @@ _POLL_S = 0.1
 async def drain(
     settings: WorkerSettings,
     servicer: WorkerServicer,
-    engine: AsyncEngine,
+    pool: ModelPool,
     server: grpc.aio.Server,
     presence: RegistryPresence | None,
 ) -> None:
@@ -39,7 +39,7 @@ async def drain(
     log.info("draining: taking no new work after %.1fs, finishing what is in flight", settings.drain_notice_s)
     await asyncio.sleep(settings.drain_notice_s)
     while time.monotonic() < deadline:
-        left = (await engine.stats())["sequences"]
+        left = sum([(await e.stats())["sequences"] for e in pool.engines().values()])
         if not left:
             break
         await asyncio.sleep(_POLL_S)

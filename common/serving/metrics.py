@@ -9,13 +9,16 @@ transfer (decode role: the pull), decode (first token, or import, to the last to
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from common.engine.llm_engine import LLMEngine
 from common.tracing.setup import kvrelay_version
+
+if TYPE_CHECKING:  # the pool imports the engine; metrics are imported by servicers the pool serves
+    from common.serving.model_pool import ModelPool
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -83,51 +86,70 @@ _ENGINE_COUNTERS = (
 
 
 class EngineCollector(Collector):
-    """Reads the engine's counters at scrape time (plain ints: safe to read from another thread)."""
+    """Reads each loaded model's engine counters at scrape time (plain ints: safe to read from another
+    thread), labelled by model, and what the worker's model pool did (loads, evictions, bytes)."""
 
-    def __init__(self, engine: LLMEngine, role: str) -> None:
-        self.engine = engine
+    def __init__(self, pool: ModelPool, role: str) -> None:
+        self.pool = pool
         self.role = role
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        s = self.engine.stats()
-        blocks = GaugeMetricFamily("kvrelay_worker_kv_blocks", "KV cache blocks by state", labels=["role", "state"])
-        used = s["total_blocks"] - s["free_blocks"]
-        for state, value in (("used", used), ("free", s["free_blocks"]), ("cached", s["cached_blocks"])):
-            blocks.add_metric([self.role, state], value)
-        yield blocks
-        usage = GaugeMetricFamily("kvrelay_worker_kv_usage_ratio", "Fraction of KV blocks in use", labels=["role"])
-        usage.add_metric([self.role], used / max(1, s["total_blocks"]))
-        yield usage
-        reqs = GaugeMetricFamily(
-            "kvrelay_worker_engine_requests", "Requests in the engine by state", labels=["role", "state"]
+        engines = {m: e.stats_now() for m, e in self.pool.engines().items()}
+        blocks = GaugeMetricFamily(
+            "kvrelay_worker_kv_blocks", "KV cache blocks by state", labels=["role", "model", "state"]
         )
-        for state in ("waiting", "running", "pinned"):
-            reqs.add_metric([self.role, state], s[state])
-        yield reqs
-        for name, key, doc in (
-            (
-                "kvrelay_worker_prefix_cache_queries",
-                "prefix_query_tokens",
-                "Prompt tokens looked up in the prefix cache",
-            ),
-            ("kvrelay_worker_prefix_cache_hits", "prefix_hit_tokens", "Prompt tokens found in the prefix cache"),
-            (
-                "kvrelay_worker_preemptions",
-                "preemptions",
-                "Running requests preempted for KV blocks (recomputed later)",
-            ),
-            ("kvrelay_worker_aborts", "aborts", "Requests stopped before they finished (client gone, failed pull)"),
-            ("kvrelay_worker_kv_lease_expiries", "lease_expiries", "Pinned prefill KV freed because its lease ran out"),
-        ):
-            counter = CounterMetricFamily(name, doc, labels=["role"])
-            counter.add_metric([self.role], s[key])
-            yield counter
+        usage = GaugeMetricFamily(
+            "kvrelay_worker_kv_usage_ratio", "Fraction of KV blocks in use", labels=["role", "model"]
+        )
+        reqs = GaugeMetricFamily(
+            "kvrelay_worker_engine_requests", "Requests in the engine by state", labels=["role", "model", "state"]
+        )
+        counters = {name: CounterMetricFamily(name, doc, labels=["role", "model"]) for name, _, doc in _COUNTERS}
+        for model, s in engines.items():
+            used = s["total_blocks"] - s["free_blocks"]
+            for state, value in (("used", used), ("free", s["free_blocks"]), ("cached", s["cached_blocks"])):
+                blocks.add_metric([self.role, model, state], value)
+            usage.add_metric([self.role, model], used / max(1, s["total_blocks"]))
+            for state in ("waiting", "running", "pinned"):
+                reqs.add_metric([self.role, model, state], s[state])
+            for name, key, _ in _COUNTERS:
+                counters[name].add_metric([self.role, model], s[key])
+        yield from (blocks, usage, reqs, *counters.values())
+        yield from self._pool_metrics()
+
+    def _pool_metrics(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        loaded = GaugeMetricFamily("kvrelay_worker_model_loaded", "1 if the model is loaded now", labels=["model"])
+        size = GaugeMetricFamily(
+            "kvrelay_worker_model_bytes", "Weights and KV cache of the model (estimated until loaded)", labels=["model"]
+        )
+        loads = CounterMetricFamily("kvrelay_worker_model_loads", "Times the model was loaded", labels=["model"])
+        evictions = CounterMetricFamily(
+            "kvrelay_worker_model_evictions", "Times the model was evicted for another", labels=["model"]
+        )
+        for model, k in self.pool.known.items():
+            loaded.add_metric([model], 1.0 if model in self.pool.loaded else 0.0)
+            size.add_metric([model], k.footprint_bytes)
+            loads.add_metric([model], k.loads)
+            evictions.add_metric([model], k.evictions)
+        budget = GaugeMetricFamily(
+            "kvrelay_worker_memory_budget_bytes", "Memory the worker's models may take (0: no budget)"
+        )
+        budget.add_metric([], self.pool.budget_bytes or 0)
+        yield from (loaded, size, loads, evictions, budget)
 
 
-def serve_metrics(engine: LLMEngine, role: str, worker_id: str, host: str, port: int) -> int:
+_COUNTERS = (
+    ("kvrelay_worker_prefix_cache_queries", "prefix_query_tokens", "Prompt tokens looked up in the prefix cache"),
+    ("kvrelay_worker_prefix_cache_hits", "prefix_hit_tokens", "Prompt tokens found in the prefix cache"),
+    ("kvrelay_worker_preemptions", "preemptions", "Running requests preempted for KV blocks (recomputed later)"),
+    ("kvrelay_worker_aborts", "aborts", "Requests stopped before they finished (client gone, failed pull)"),
+    ("kvrelay_worker_kv_lease_expiries", "lease_expiries", "Pinned prefill KV freed because its lease ran out"),
+)
+
+
+def serve_metrics(pool: ModelPool, role: str, worker_id: str, host: str, port: int) -> int:
     """Serve /metrics; returns the port (a free one when `port` is 0)."""
-    INFO.labels(worker_id, role, engine.layout.model_id, kvrelay_version()).set(1)
-    REGISTRY.register(EngineCollector(engine, role))
+    INFO.labels(worker_id, role, pool.default, kvrelay_version()).set(1)
+    REGISTRY.register(EngineCollector(pool, role))
     httpd, _ = start_http_server(port, addr=host)
     return httpd.server_port

@@ -14,7 +14,7 @@ from common.discovery.announcer import Announcer
 from common.discovery.event_stream import EventPublisher
 from common.discovery.record import RegistryKeys, WorkerRecord
 from common.discovery.redis_client import check_redis, open_redis
-from common.engine.llm_engine import LLMEngine
+from common.serving.model_pool import ModelPool
 from common.serving.worker_servicer import WorkerIdentity
 from common.settings import WorkerSettings
 
@@ -27,20 +27,22 @@ class RegistryPresence:
         self._task: asyncio.Task | None = None
 
     @classmethod
-    async def open(cls, settings: WorkerSettings, identity: WorkerIdentity, engine: LLMEngine) -> RegistryPresence:
+    async def open(cls, settings: WorkerSettings, identity: WorkerIdentity, pool: ModelPool) -> RegistryPresence:
         assert settings.registry is not None
         client = open_redis(settings.registry)
         await check_redis(client, settings.registry)
         keys = RegistryKeys(settings.registry_prefix)
         incarnation = uuid.uuid4().hex[:12]
+        first = pool.engines()[pool.default]  # preloaded
         record = WorkerRecord(
             worker_id=identity.worker_id,
             role=identity.role,
             address=identity.address,
-            model_id=engine.layout.model_id,
-            layout=engine.layout.to_dict(),
-            total_blocks=engine.blocks.num_blocks,
-            max_model_len=engine.max_model_len,
+            model_id=first.layout.model_id,
+            models=list(pool.known),
+            layout=first.layout.to_dict(),
+            total_blocks=first.cache.num_blocks,
+            max_model_len=pool.known[pool.default].max_model_len,
             transfer_backends=list(identity.transfer_backends),
             incarnation=incarnation,
             started_at=time.time(),
@@ -48,7 +50,7 @@ class RegistryPresence:
         ).signed(settings.shared_secret())
         ttl_ms = int(settings.registry_ttl_s * 1000)
         announcer = Announcer(client, record, keys, settings.registry_ttl_s, settings.heartbeat_s)
-        presence = cls(client, announcer, EventPublisher(client, engine.events, record.events_stream, ttl_ms))
+        presence = cls(client, announcer, EventPublisher(client, pool.events, record.events_stream, ttl_ms))
         presence._task = asyncio.get_running_loop().create_task(presence.publisher.run())
         await announcer.register()
         return presence

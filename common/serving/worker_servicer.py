@@ -1,4 +1,5 @@
-"""WorkerService, served by both roles: health, load and cache stats, and the KV event stream."""
+"""WorkerService, served by both roles: health, load and cache stats (per model), and the KV event
+stream (one per worker: every model's engine reports to the pool's log)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from common.engine.async_engine import AsyncEngine
 from common.rpc import worker_pb2, worker_pb2_grpc
 from common.rpc.convert import layout_to_proto
+from common.serving.model_pool import ModelPool
 
 _EVENT_POLL_S = 0.5
 
@@ -24,8 +25,8 @@ class WorkerIdentity:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, engine: AsyncEngine, identity: WorkerIdentity) -> None:
-        self.engine = engine
+    def __init__(self, pool: ModelPool, identity: WorkerIdentity) -> None:
+        self.pool = pool
         self.identity = identity
         self.draining = False  # reported in Stats: gateways stop choosing this worker
         self.closing = asyncio.Event()  # ends the event streams so the server can stop
@@ -34,36 +35,44 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         return worker_pb2.HealthResponse(ok=True, worker_id=self.identity.worker_id, role=self.identity.role)
 
     async def Stats(self, request, context):  # noqa: N802, ANN001, ANN201
-        s = await self.engine.stats()
-        eng = self.engine.engine
+        models = [_model_stats(m) for m in await self.pool.model_stats()]
+        engines = [await e.stats() for e in self.pool.engines().values()]
+        first = models[0]
         return worker_pb2.StatsResponse(
             worker_id=self.identity.worker_id,
             role=self.identity.role,
-            model_id=eng.layout.model_id,
-            layout=layout_to_proto(eng.layout),
-            waiting=s["waiting"],
-            running=s["running"],
-            pinned=s["pinned"],
-            free_blocks=s["free_blocks"],
-            total_blocks=s["total_blocks"],
-            cached_blocks=s["cached_blocks"],
-            prefix_query_tokens=s["prefix_query_tokens"],
-            prefix_hit_tokens=s["prefix_hit_tokens"],
+            model_id=first.model_id,
+            layout=first.layout,
+            waiting=sum(s["waiting"] for s in engines),
+            running=sum(s["running"] for s in engines),
+            pinned=sum(s["pinned"] for s in engines),
+            free_blocks=first.free_blocks,
+            total_blocks=first.total_blocks,
+            cached_blocks=sum(s["cached_blocks"] for s in engines),
+            prefix_query_tokens=sum(s["prefix_query_tokens"] for s in engines),
+            prefix_hit_tokens=sum(s["prefix_hit_tokens"] for s in engines),
             transfer_backends=list(self.identity.transfer_backends),
             transfer_endpoint=self.identity.address,
-            max_model_len=eng.max_model_len,
+            max_model_len=first.max_model_len,
             draining=self.draining,
+            models=models,
+            memory_budget_bytes=self.pool.budget_bytes or 0,
         )
 
     async def WatchEvents(  # noqa: N802
         self, request: worker_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.KVEventBatch]:
-        log = self.engine.kv_events
+        log = self.pool.events
         after = request.after_seq
         held = log.since(after)
         if after == 0 or (held and held[0].seq != after + 1) or (not held and log.last_seq > after):
-            # The caller is behind what the log still holds: send the whole cache, then follow.
-            hashes, after = await self.engine.call(lambda: (self.engine.cached_block_hashes(), log.last_seq))
+            # The caller is behind what the log still holds: send the whole cache, then follow. The
+            # position is taken first, so what changes while the snapshot is read is sent again after
+            # it (stores and removals are idempotent for the reader).
+            after = log.last_seq
+            hashes: list[int] = []
+            for engine in self.pool.engines().values():
+                hashes += await engine.call(engine.cached_block_hashes)
             yield worker_pb2.KVEventBatch(snapshot=True, snapshot_hashes=hashes, last_seq=after)
         while not context.cancelled() and not self.closing.is_set():
             events = log.since(after)
@@ -78,3 +87,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 )
             else:
                 await asyncio.to_thread(log.wait, after, _EVENT_POLL_S)
+
+
+def _model_stats(m: dict) -> worker_pb2.ModelStats:
+    layout = m["layout"]
+    return worker_pb2.ModelStats(
+        **{k: v for k, v in m.items() if k != "layout"},
+        layout=layout_to_proto(layout) if layout is not None else None,
+    )

@@ -3,12 +3,13 @@ the picker, the imbalance guard and the P/D decider. Validated at start; errors 
 
     profiles:
       prefill:
-        filters: [health, not-draining, layout, kv-fit, stream-limit]
+        filters: [health, not-draining, model, layout, kv-fit, stream-limit]
         scorers: [{type: prefix-cache, weight: 2}, {type: queue-depth, weight: 1}, {type: kv-usage, weight: 1}]
         picker: {type: max-score, temperature: 0}
       decode:
-        filters: [health, not-draining, layout, kv-fit]
-        scorers: [{type: kv-usage, weight: 1}, {type: running, weight: 1}, {type: kv-fit, weight: 1}]
+        filters: [health, not-draining, model, layout, kv-fit]
+        scorers: [{type: kv-usage, weight: 1}, {type: running, weight: 1}, {type: kv-fit, weight: 1},
+                  {type: model-loaded, weight: 4}]
     imbalance: {absolute: 4, relative: 1.5}
     decider: {min_uncached_tokens: 32, max_prefill_waiting: 8}
 """
@@ -63,7 +64,9 @@ class PickerSpec(_Strict):
 
 
 class ProfileSpec(_Strict):
-    filters: list[str] = Field(default_factory=lambda: ["health", "not-draining", "layout", "kv-fit", "stream-limit"])
+    filters: list[str] = Field(
+        default_factory=lambda: ["health", "not-draining", "model", "layout", "kv-fit", "stream-limit"]
+    )
     scorers: list[ScorerSpec]
     picker: PickerSpec = Field(default_factory=PickerSpec)
 
@@ -103,6 +106,7 @@ DEFAULT = {
                 {"type": "queue-depth", "weight": 1.0},
                 {"type": "kv-usage", "weight": 1.0},
                 {"type": "inflight-tokens", "weight": 1.0},
+                {"type": "model-loaded", "weight": 4.0},
             ]
         },
         "decode": {
@@ -110,6 +114,7 @@ DEFAULT = {
                 {"type": "kv-usage", "weight": 1.0},
                 {"type": "running", "weight": 1.0},
                 {"type": "kv-fit", "weight": 1.0},
+                {"type": "model-loaded", "weight": 4.0},
             ]
         },
     },

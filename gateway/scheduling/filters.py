@@ -19,8 +19,17 @@ class NotDrainingFilter:
         return not c.draining
 
 
+class ModelFilter:
+    """The worker serves the request's model (loaded or not: a worker loads on demand)."""
+
+    type_name = "model"
+
+    def keep(self, c: Candidate, req: RequestInfo) -> bool:
+        return c.serves_model
+
+
 class LayoutFilter:
-    """The worker serves the gateway's model with the KV layout the pool agreed on."""
+    """The worker holds the request's model with the KV layout the pool agreed on for it."""
 
     type_name = "layout"
 
@@ -35,7 +44,9 @@ class KVFitFilter:
     type_name = "kv-fit"
 
     def keep(self, c: Candidate, req: RequestInfo) -> bool:
-        return c.role != "decode" or c.free_blocks - c.pending_blocks >= req.blocks_needed
+        if c.role != "decode" or not c.model_loaded:  # a model loaded for this request starts empty
+            return True
+        return c.free_blocks - c.pending_blocks >= req.blocks_needed
 
 
 class StreamLimitFilter:
@@ -48,4 +59,6 @@ class StreamLimitFilter:
         return c.role != "decode" or not c.stream_limit or c.streams < c.stream_limit
 
 
-FILTERS = {f.type_name: f for f in (HealthFilter, NotDrainingFilter, LayoutFilter, KVFitFilter, StreamLimitFilter)}
+FILTERS = {
+    f.type_name: f for f in (HealthFilter, NotDrainingFilter, ModelFilter, LayoutFilter, KVFitFilter, StreamLimitFilter)
+}

@@ -125,6 +125,8 @@ def _dropped_by(c: Candidate, req: RequestInfo) -> str:
         return "unhealthy"
     if c.draining:
         return "draining"
+    if not c.serves_model:
+        return "does not serve the model"
     if not c.layout_ok:
         return "layout mismatch"
     if not FILTERS["kv-fit"]().keep(c, req):

@@ -75,10 +75,29 @@ class KVFitScorer:
         return [_clamp(1 - need / c.free_blocks) if c.free_blocks > 0 else 0.0 for c in candidates]
 
 
+class ModelLoadedScorer:
+    """A worker that has the request's model loaded over one that would load it first (seconds, and
+    perhaps an eviction of a model others are about to use)."""
+
+    type_name = "model-loaded"
+
+    def score(self, candidates: list[Candidate], req: RequestInfo) -> list[float]:
+        return [1.0 if c.model_loaded else 0.0 for c in candidates]
+
+
 # The one registry of scorer plugins: a profile names them by type_name. Every scorer but the
 # prefix scorer measures load, which is what the imbalance guard keeps when it sets affinity aside.
 SCORERS: dict[str, type] = {
-    cls.type_name: cls for cls in (PrefixScorer, QueueScorer, KVUsageScorer, InflightScorer, RunningScorer, KVFitScorer)
+    cls.type_name: cls
+    for cls in (
+        PrefixScorer,
+        QueueScorer,
+        KVUsageScorer,
+        InflightScorer,
+        RunningScorer,
+        KVFitScorer,
+        ModelLoadedScorer,
+    )
 }
 LOAD_SCORERS = frozenset(name for name in SCORERS if name != PrefixScorer.type_name)
 SCORER_TYPES = tuple(SCORERS)

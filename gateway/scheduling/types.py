@@ -22,6 +22,8 @@ class Candidate:
     pending_blocks: int = 0  # KV blocks this gateway promised that the worker's Stats do not show yet
     streams: int = 0  # requests decoding (or about to) on this worker, as far as this gateway knows
     stream_limit: int = 0  # most streams a decode worker may be given; 0: no limit
+    serves_model: bool = True  # the request's model is one this worker serves
+    model_loaded: bool = True  # ...and has loaded (else the first request waits for a load)
 
     @property
     def kv_usage(self) -> float:

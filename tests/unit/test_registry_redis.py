@@ -17,6 +17,7 @@ from common.engine.async_engine import AsyncEngine
 from common.kv.events import KVEvent
 from common.rpc import worker_pb2_grpc
 from common.rpc.channels import ChannelPool
+from common.serving.model_pool import ModelPool
 from common.serving.worker_servicer import WorkerIdentity, WorkerServicer
 from gateway.discovery import Member, RedisDiscovery
 from gateway.kv_event_stream import RedisKVEventWatcher
@@ -145,9 +146,11 @@ def test_kv_events_through_redis_follow_the_cache_and_resync_after_a_gap(redis_u
     stream = KEYS.events("w1", "abc")
 
     async def run() -> None:
+        pool = ModelPool([])
+        pool.adopt(runner)
         server = grpc.aio.server()
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
-            WorkerServicer(runner, WorkerIdentity("w1", "prefill", f"127.0.0.1:{port}", ("grpc",))), server
+            WorkerServicer(pool, WorkerIdentity("w1", "prefill", f"127.0.0.1:{port}", ("grpc",))), server
         )
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()

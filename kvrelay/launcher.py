@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from kvrelay.parent import launched_env
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -127,10 +129,9 @@ class Cluster:
         out = open(os.path.join(self.log_dir, f"{name}.log"), "wb") if self.log_dir else None  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "kvrelay.cli", *args],
-            env={**os.environ, **self.env, **(env or {})},
+            env={**os.environ, **self.env, **(env or {}), **launched_env()},
             stdout=out or subprocess.DEVNULL,
             stderr=subprocess.STDOUT if out else None,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - single-threaded at this point
         )
         self.procs.append((name, proc))
         return proc

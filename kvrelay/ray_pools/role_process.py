@@ -21,7 +21,8 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvrelay.launcher import _die_with_parent, free_port, free_worker_ports
+from kvrelay.launcher import free_port, free_worker_ports
+from kvrelay.parent import launched_env
 
 READY_TIMEOUT_S = 300.0
 _POLL_S = 0.2
@@ -49,8 +50,7 @@ class RoleProcess:
             cmd = [role, "--host", self.host, "--port", str(self.port), "--worker-id", name]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvrelay.cli", *cmd, *args],
-            env=child_env,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no other thread yet
+            env={**child_env, **launched_env()},
         )
         self._wait_ready()
         threading.Thread(target=self._watch_child, daemon=True).start()

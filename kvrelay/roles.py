@@ -25,10 +25,28 @@ def _logging(level: str, fmt: str | None = None) -> None:
     configure_logging(level, fmt)  # type: ignore[arg-type]
 
 
+MODELS = typer.Option(
+    None, help="serve several models: comma-separated repository ids or paths (default: --model alone)"
+)
+MEMORY_BUDGET = typer.Option(
+    None,
+    "--memory-budget-mb",
+    help="most memory the models may take together; others load on demand, the least recently used idle one "
+    "making room (default: no budget)",
+)
+PRELOAD = typer.Option(None, help="comma-separated model ids to load at start (default: all that fit)")
+
+
+def _ids(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
 def _serve_role(role: str, config: Path | None, log_level: str, log_format: str | None, **flags: object) -> None:
     """Build the role's settings (flags over env over YAML) and run the worker until signalled."""
     _logging(log_level, log_format)
     engine = {k: flags.pop(k) for k in ("model", "threads", "kv_cache_mb", "block_size") if k in flags}
+    for key in ("models", "preload"):
+        flags[key] = _ids(flags.get(key))  # type: ignore[arg-type]
     settings = load_settings(WorkerSettings, config, role=role, engine=engine, **flags)
     if settings.role == "prefill":
         from prefill_worker.server import serve
@@ -48,7 +66,10 @@ def register(app: typer.Typer) -> None:
     def prefill(
         port: int = typer.Option(None, help="gRPC port (default 50051); metrics on port + 1000"),
         host: str = typer.Option(None, help="listen address (default 127.0.0.1)"),
-        model: str = typer.Option(None, help="GGUF file or safetensors directory"),
+        model: str = typer.Option(None, help="repository id, GGUF file or safetensors directory"),
+        models: str = MODELS,
+        memory_budget_mb: int = MEMORY_BUDGET,
+        preload: str = PRELOAD,
         threads: int = typer.Option(None, help="torch threads for this worker"),
         kv_cache_mb: int = typer.Option(None, help="KV cache size"),
         block_size: int = typer.Option(None, help="tokens per KV block (default 16)"),
@@ -68,6 +89,9 @@ def register(app: typer.Typer) -> None:
             port=port,
             host=host,
             model=model,
+            models=models,
+            memory_budget_mb=memory_budget_mb,
+            preload=preload,
             threads=threads,
             kv_cache_mb=kv_cache_mb,
             block_size=block_size,
@@ -80,7 +104,10 @@ def register(app: typer.Typer) -> None:
     def decode(
         port: int = typer.Option(None, help="gRPC port (default 50061); metrics on port + 1000"),
         host: str = typer.Option(None, help="listen address (default 127.0.0.1)"),
-        model: str = typer.Option(None, help="GGUF file or safetensors directory"),
+        model: str = typer.Option(None, help="repository id, GGUF file or safetensors directory"),
+        models: str = MODELS,
+        memory_budget_mb: int = MEMORY_BUDGET,
+        preload: str = PRELOAD,
         threads: int = typer.Option(None, help="torch threads for this worker"),
         kv_cache_mb: int = typer.Option(None, help="KV cache size"),
         block_size: int = typer.Option(None, help="tokens per KV block (default 16)"),
@@ -105,6 +132,9 @@ def register(app: typer.Typer) -> None:
             port=port,
             host=host,
             model=model,
+            models=models,
+            memory_budget_mb=memory_budget_mb,
+            preload=preload,
             threads=threads,
             kv_cache_mb=kv_cache_mb,
             block_size=block_size,
@@ -118,7 +148,8 @@ def register(app: typer.Typer) -> None:
     def gateway(
         port: int = typer.Option(None, help="HTTP port (default 8000)"),
         host: str = typer.Option(None, help="listen address (default 127.0.0.1)"),
-        model: str = typer.Option(None, help="model path, for the tokenizer and chat template"),
+        model: str = typer.Option(None, help="repository id or path, for the tokenizer and chat template"),
+        models: str = typer.Option(None, help="serve several models: comma-separated repository ids or paths"),
         prefill: list[str] = typer.Option(None, help="prefill worker address host:port (repeat)"),
         decode: list[str] = typer.Option(None, help="decode worker address host:port (repeat)"),
         scheduler_config: str = typer.Option(None, help="scheduler YAML: profiles, scorer weights, decider"),
@@ -135,6 +166,7 @@ def register(app: typer.Typer) -> None:
             port=port,
             host=host,
             model=model,
+            models=_ids(models),
             prefill=prefill or None,
             decode=decode or None,
             scheduler_config=scheduler_config,

@@ -161,7 +161,7 @@ async def assert_workers_clean(addresses: list[str], wait_s: float = 5.0) -> Non
     async def clean() -> bool:
         nonlocal dirty
         stats = [await worker_stats(a) for a in addresses]
-        dirty = [s for s in stats if s.running or s.waiting or s.pinned or s.free_blocks != s.total_blocks]
+        dirty = [s for s in stats if s.running or s.waiting or s.pinned or _blocks_held(s)]
         return not dirty
 
     try:
@@ -171,6 +171,11 @@ async def assert_workers_clean(addresses: list[str], wait_s: float = 5.0) -> Non
         raise AssertionError(
             f"KV still held after {wait_s:.0f}s (worker, running, waiting, pinned, free, total blocks): {held}"
         ) from None
+
+
+def _blocks_held(s: worker_pb2.StatsResponse) -> bool:
+    """Any loaded model of the worker with a block not free (the top-level counts are the first model's)."""
+    return s.free_blocks != s.total_blocks or any(m.loaded and m.free_blocks != m.total_blocks for m in s.models)
 
 
 def check_no_kv_held(addresses: list[str], wait_s: float = 5.0) -> None:

@@ -1,0 +1,71 @@
+"""Several models behind one gateway: workers that hold two models within a memory budget that fits
+one, loading on demand and evicting the idle one; each request answered by the model it names."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from common.config import EngineConfig
+from common.engine.factory import build_engine
+from common.engine.sampling import SamplingParams
+from tests.helpers import assert_no_leaks, run_to_completion, tokens_of
+from tests.integration.client import chat_token_ids, metric
+from tests.tiny_checkpoint import write_tiny_checkpoint
+
+QUESTION = "which model are you?"
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    root = tmp_path_factory.mktemp("two-models")
+    return [str(write_tiny_checkpoint(root / name, seed=i)) for i, name in enumerate(("tiny-a", "tiny-b"))]
+
+
+def reference(model_dir: str, max_tokens: int) -> list[int]:
+    engine = build_engine(EngineConfig(model=model_dir, kv_cache_mb=1), progress=False)
+    ids = engine.tokenizer.encode_chat([{"role": "user", "content": QUESTION}])
+    engine.add_request("ref", ids, SamplingParams.create(max_tokens=max_tokens))
+    out = tokens_of(run_to_completion(engine)["ref"])
+    assert_no_leaks(engine)
+    return out
+
+
+def test_two_models_share_workers_within_a_budget_of_one(cluster_factory, two_models):
+    # ~1.5 MB a model (1 MB of KV cache, the weights): a 2 MB budget holds one at a time.
+    worker = ["--models", ",".join(two_models), "--kv-cache-mb", "1", "--memory-budget-mb", "2"]
+    run = cluster_factory(
+        None, prefill_extra=worker, decode_extra=worker, gateway_extra=["--models", ",".join(two_models)]
+    )
+    want = {name: reference(path, 12) for name, path in zip(("tiny-a", "tiny-b"), two_models, strict=True)}
+    assert want["tiny-a"] != want["tiny-b"]
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=120) as client:
+            listed = (await client.get(f"{run.url}/v1/models")).json()["data"]
+            assert [m["id"] for m in listed] == ["tiny-a", "tiny-b"]
+            for i, name in enumerate(["tiny-a", "tiny-b", "tiny-a", "tiny-b"]):  # each switch loads and evicts
+                ids, mode = await chat_token_ids(client, run.url, name, QUESTION, 12, stream=bool(i % 2))
+                assert ids == want[name], name
+                assert mode == "disaggregated"
+            r = await client.post(
+                f"{run.url}/v1/chat/completions",
+                json={"model": "tiny-c", "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+            assert "tiny-a" in r.json()["error"]["message"]
+
+    asyncio.run(main())
+    for worker_addr in run.workers():
+        host, port = worker_addr.rsplit(":", 1)
+        metrics_url = f"http://{host}:{int(port) + 1000}"
+        loads = {m: metric(metrics_url, "kvrelay_worker_model_loads_total", model=m) for m in ("tiny-a", "tiny-b")}
+        evictions = metric(metrics_url, "kvrelay_worker_model_evictions_total", model="tiny-a")
+        assert loads["tiny-a"] >= 2 and loads["tiny-b"] >= 2 and evictions >= 2, (worker_addr, loads, evictions)
+        assert (
+            metric(metrics_url, "kvrelay_worker_model_loaded", model="tiny-a")
+            + metric(metrics_url, "kvrelay_worker_model_loaded", model="tiny-b")
+            == 1.0
+        )

@@ -79,6 +79,12 @@ class WorkerSettings(BaseSettings):
         description="most memory the models may take together (weights and KV caches); a model not loaded is "
         "loaded on its first request, evicting the least recently used idle ones; default: no budget",
     )
+    pool: str = Field(
+        "",
+        max_length=63,
+        description="a label naming the worker pool it belongs to: a gateway workload class with this pool sends "
+        "its requests only here (e.g. long-document batch work kept off the chat workers); default: none",
+    )
     model_load_timeout_s: float = Field(
         60.0, gt=0, description="how long a request waits for the models in use to free the budget"
     )
@@ -147,6 +153,22 @@ class AdmissionSettings(BaseModel):
     retry_after_s: float = Field(1.0, gt=0, description="Retry-After sent with a 429")
 
 
+class WorkloadClass(BaseModel):
+    """A kind of traffic with its own limits, priority and (optionally) its own workers, so that long
+    document prompts never queue in front of chat turns."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_prompt_tokens: int | None = Field(None, gt=0, description="longer prompts get 400")
+    max_output_tokens: int | None = Field(
+        None, gt=0, description="a larger max_tokens gets 400; when a request sets none, this is its default"
+    )
+    priority: Literal["interactive", "batch"] = Field(
+        "interactive", description="admission class; a request may lower it to batch, never raise it"
+    )
+    pool: str = Field("", max_length=63, description="only workers started with this --pool label; '': any")
+
+
 class MigrationSettings(BaseModel):
     """How hard the gateway tries before a request fails: retries before the first token, migration
     of a running stream to another worker after it."""
@@ -191,6 +213,12 @@ class GatewaySettings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     migration: MigrationSettings = Field(default_factory=MigrationSettings)
+    workload_classes: dict[str, WorkloadClass] = Field(
+        default_factory=dict,
+        description="named classes (e.g. chat, batch), chosen by the API key's class or the X-Kvrelay-Class "
+        "header; none: every request is alike",
+    )
+    default_workload_class: str | None = Field(None, description="the class of requests that name none")
     max_body_bytes: int = Field(
         4 * 2**20,
         gt=0,
@@ -214,6 +242,15 @@ class GatewaySettings(BaseSettings):
     internal_host: str = Field("127.0.0.1", description="where the internal port listens")
     https_cert_file: str | None = Field(None, description="serve the API over HTTPS with this PEM certificate")
     https_key_file: str | None = Field(None, description="the private key of https_cert_file")
+
+    @model_validator(mode="after")
+    def _default_class(self) -> GatewaySettings:
+        if self.default_workload_class is not None and self.default_workload_class not in self.workload_classes:
+            raise ValueError(
+                f"default_workload_class {self.default_workload_class!r} is not one of the workload_classes "
+                f"{sorted(self.workload_classes)}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _https_pair(self) -> GatewaySettings:

@@ -52,9 +52,13 @@ class ApiKey:
     tpm: int | None = None  # tokens per minute (prompt + max_tokens reserved, corrected at the end)
     cache_salt: str = field(default_factory=lambda: secrets.token_hex(16))  # this tenant's prefix-cache salt
     signature: str = ""  # HMAC-SHA256 (hex) with the shared secret over the rest, for records in Redis
+    workload_class: str | None = None  # the class every request of this key runs in (None: its own choice)
 
     def _signed_bytes(self) -> bytes:
-        return json.dumps({**asdict(self), "signature": ""}, sort_keys=True).encode()
+        fields = {**asdict(self), "signature": ""}
+        if fields["workload_class"] is None:  # records signed before keys had classes still verify
+            del fields["workload_class"]
+        return json.dumps(fields, sort_keys=True).encode()
 
     def sign(self, secret: bytes) -> None:
         self.signature = hmac.new(secret, self._signed_bytes(), hashlib.sha256).hexdigest()
@@ -79,15 +83,23 @@ class ApiKey:
             "models": self.models,
             "rpm": self.rpm,
             "tpm": self.tpm,
+            "workload_class": self.workload_class,
         }
 
 
-def new_key(name: str, models: list[str] | None = None, rpm: int | None = None, tpm: int | None = None):  # noqa: ANN201
+def new_key(  # noqa: ANN201
+    name: str,
+    models: list[str] | None = None,
+    rpm: int | None = None,
+    tpm: int | None = None,
+    workload_class: str | None = None,
+):
     """(the key, its record). The key itself is never stored."""
     key = PREFIX + secrets.token_urlsafe(32)
     salt = secrets.token_bytes(16)
     record = ApiKey(key[len(PREFIX) : len(PREFIX) + _ID_CHARS], name, salt.hex(), _digest(salt, key), time.time())
     record.models, record.rpm, record.tpm = list(models or []), rpm, tpm
+    record.workload_class = workload_class
     return key, record
 
 
@@ -146,11 +158,18 @@ class KeyStore:
         return len(self._keys)
 
     # -- writing (the CLI) -----------------------------------------------------------------------
-    def add(self, name: str, models: list[str] | None = None, rpm: int | None = None, tpm: int | None = None):  # noqa: ANN201
+    def add(  # noqa: ANN201
+        self,
+        name: str,
+        models: list[str] | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        workload_class: str | None = None,
+    ):
         keys = self.load()
         if any(k.name == name and not k.revoked for k in keys.values()):
             raise ValueError(f"a key named {name!r} exists; revoke it first or pick another name")
-        key, rec = new_key(name, models, rpm, tpm)
+        key, rec = new_key(name, models, rpm, tpm, workload_class)
         keys[rec.id] = rec
         self._save(keys, rec)
         return key, rec

@@ -46,6 +46,7 @@ from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.scheduler import Scheduler
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.supervisor import Supervisor
+from gateway.workload import WorkloadClasses
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     supervisor = Supervisor(orchestrator, registry, settings.migration)
     admission = Admission(settings.admission, registry)
     responder = Responder(supervisor, admission, settings.routing_headers)
+    classes = WorkloadClasses(settings.workload_classes, settings.default_workload_class)
     lifecycle = Lifecycle(settings.drain_notice_s, settings.shutdown_timeout_s)
     keys = KeyStore(
         settings.auth.keys_file, settings.registry, settings.registry_prefix, read_secret(settings.shared_secret_file)
@@ -129,9 +131,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(RequestObserver)  # added last: outermost, so its span covers everything
 
     async def generate(
-        request: Request, shape: Shape, request_id: str, prep: Prepared, priority: str | None
+        request: Request, shape: Shape, request_id: str, prep: Prepared, priority: str | None, max_tokens_given: bool
     ) -> Response:
         prep.priority = _priority(request, priority)
+        selected = classes.select(request)
+        if selected is not None:
+            classes.apply(prep, *selected, max_tokens_given)
         # Each model's prefix chains start from its own root, so one worker's cache events never make
         # one model's blocks look cached for another (and a tenant's salt keeps tenants apart).
         salt = model_salt(prep.model, authorizer.cache_salt(request, prep.params.cache_salt))
@@ -151,7 +156,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         served = _served(body.model)
         # Tokenizing and templating run off the event loop: a huge prompt must not stall other requests.
         prep = await asyncio.to_thread(served.preparer.chat, body)
-        return await generate(request, Shape("chat"), f"chatcmpl-{uuid.uuid4().hex}", prep, body.priority)
+        given = body.max_tokens is not None or body.max_completion_tokens is not None
+        return await generate(request, Shape("chat"), f"chatcmpl-{uuid.uuid4().hex}", prep, body.priority, given)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -159,7 +165,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         body = await parse_body(request, CompletionRequest)
         authorizer.check_model(request, body.model)
         prep = await asyncio.to_thread(_served(body.model).preparer.completion, body)
-        return await generate(request, Shape("text"), f"cmpl-{uuid.uuid4().hex}", prep, body.priority)
+        given = body.max_tokens is not None
+        return await generate(request, Shape("text"), f"cmpl-{uuid.uuid4().hex}", prep, body.priority, given)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:

@@ -32,7 +32,7 @@ from gateway.metrics import CHOSEN, DECISIONS
 from gateway.registry import WorkerRegistry
 from gateway.scheduling.scheduler import NoCandidateError, NoCapacityError, Scheduler
 from gateway.scheduling.shortlist import shortlist
-from gateway.scheduling.types import RequestInfo, ScoredCandidate
+from gateway.scheduling.types import ANYWHERE, Placement, RequestInfo, ScoredCandidate
 from kvtransfer.release import release
 
 log = logging.getLogger(__name__)
@@ -80,12 +80,16 @@ class Orchestrator:
         self._background: set[asyncio.Task] = set()
 
     def route(
-        self, prompt_ids: list[int], avoid: frozenset[str] = frozenset(), cache_salt: str = "", model: str = ""
+        self,
+        prompt_ids: list[int],
+        avoid: frozenset[str] = frozenset(),
+        cache_salt: str = "",
+        placement: Placement = ANYWHERE,
     ) -> Route:
-        """Choose workers for this prompt and model ("": the default one), never one of `avoid`
-        (addresses that just failed it)."""
+        """Choose workers for this prompt where `placement` allows, never one of `avoid` (addresses
+        that just failed it)."""
         with _tracer.start_as_current_span("schedule") as span:
-            route = self._route(prompt_ids, avoid, span, cache_salt, model)
+            route = self._route(prompt_ids, avoid, span, cache_salt, placement)
             span.set_attributes(
                 {
                     "kvrelay.schedule.mode": route.mode,
@@ -98,8 +102,9 @@ class Orchestrator:
             return route
 
     def _route(
-        self, prompt_ids: list[int], avoid: frozenset[str], span: trace.Span, cache_salt: str, model: str
+        self, prompt_ids: list[int], avoid: frozenset[str], span: trace.Span, cache_salt: str, placement: Placement
     ) -> Route:
+        model = placement.model or self.registry.model_id
         bs = self.registry.block_size(model)
         req = RequestInfo(len(prompt_ids), tuple(block_hashes(prompt_ids, bs, cache_salt)), bs)
         pools: dict[str, list] = {"prefill": [], "decode": []}
@@ -112,7 +117,8 @@ class Orchestrator:
                 tokens = self.ledger.tokens[worker_id]
                 if role == "decode":
                     candidate = w.candidate(
-                        model or self.registry.model_id,
+                        placement,
+                        model,
                         view.layout_errors.get(w.address),
                         tokens,
                         self.ledger.pending_blocks(worker_id, w.last_seen),
@@ -120,7 +126,7 @@ class Orchestrator:
                         self.settings.admission.max_streams_per_decode_worker,
                     )
                 else:
-                    candidate = w.candidate(model or self.registry.model_id, view.layout_errors.get(w.address), tokens)
+                    candidate = w.candidate(placement, model, view.layout_errors.get(w.address), tokens)
                 pool.append(candidate)
         try:
             sched = self.scheduler.schedule(req, pools["prefill"], pools["decode"])
@@ -157,9 +163,15 @@ class Orchestrator:
         )
 
     async def attempt(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, route: Route, model: str = ""
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        route: Route,
+        placement: Placement = ANYWHERE,
     ) -> AsyncIterator[Delta]:
         """Serve the request once over `route`. Raises WorkerFailure when a worker fails it."""
+        model = placement.model
         block_size = self.registry.block_size(model)
         blocks = -(-(len(prompt_ids) + 1) // block_size)
         charge = self.ledger.charge(route.workers, len(prompt_ids), route.decode_id, blocks)

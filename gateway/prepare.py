@@ -34,6 +34,8 @@ class Prepared:
     model: str = ""  # the served model id workers run it on
     model_name: str = ""  # the name the client asked for (a model's, or a route's)
     tokenizer: Tokenizer | None = None  # the model's, for the output text
+    workload_class: str = ""  # "" when the gateway has no classes
+    pool: str = ""  # the worker pool its class is kept to ("": any)
 
 
 async def parse_body(request: Request, model: type[M]) -> M:

@@ -16,7 +16,7 @@ from common.rpc.channels import ChannelPool
 from gateway.cancellation import cancel_and_wait, reraise_if_cancelling
 from gateway.discovery import Member, StaticDiscovery
 from gateway.kv_events import KVEventWatcher
-from gateway.scheduling.types import Candidate
+from gateway.scheduling.types import Candidate, Placement
 
 log = logging.getLogger(__name__)
 _MAX_STRIKES = 3
@@ -41,6 +41,7 @@ class WorkerState:
 
     def candidate(
         self,
+        placement: Placement,
         model: str,
         layout_error: str | None,
         inflight_tokens: int,
@@ -67,6 +68,7 @@ class WorkerState:
             stream_limit=stream_limit,
             serves_model=m is not None,
             model_loaded=m is not None and m.loaded,
+            in_pool=not placement.pool or (s is not None and s.pool == placement.pool),
         )
 
 

@@ -29,6 +29,7 @@ from gateway.metrics import E2E, OUTPUT_TOKENS, PROMPT_TOKENS, REJECTED, ROUTED,
 from gateway.orchestrator import Delta
 from gateway.prepare import Prepared
 from gateway.request_record import RequestRecord
+from gateway.scheduling.types import Placement
 from gateway.supervisor import Outcome, Supervisor
 from gateway.token_gaps import TokenGaps
 
@@ -100,7 +101,9 @@ class Responder:
         try:
             with self.admission.ticket(len(prep.prompt_ids), prep.priority):
                 deltas = self._timed(
-                    self.supervisor.serve(request_id, prep.prompt_ids, prep.params, outcome, prep.model),
+                    self.supervisor.serve(
+                        request_id, prep.prompt_ids, prep.params, outcome, Placement(prep.model, prep.pool)
+                    ),
                     outcome,
                     t0,
                     prep,
@@ -224,6 +227,7 @@ class Responder:
                 "kvrelay.request_id": request_id,
                 "kvrelay.stream": prep.stream,
                 "kvrelay.priority": prep.priority,
+                "kvrelay.workload_class": prep.workload_class,
             }
         )
         if capture_content():

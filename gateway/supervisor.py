@@ -33,6 +33,7 @@ from gateway.metrics import MIGRATIONS, PREFIX_TOKENS, RETRIES
 from gateway.orchestrator import Delta, Orchestrator, Route
 from gateway.registry import WorkerRegistry
 from gateway.request_record import PhaseClock
+from gateway.scheduling.types import ANYWHERE, Placement
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class Supervisor:
         prompt_ids: list[int],
         params,  # noqa: ANN001 - SamplingParams
         outcome: Outcome,
-        model: str = "",
+        placement: Placement = ANYWHERE,
     ) -> AsyncIterator[Delta]:
         """Deltas of the whole request, across attempts; raises the last failure when the budget is spent."""
         span = trace.get_current_span()
@@ -81,7 +82,7 @@ class Supervisor:
             )
             outcome.clock.enter("schedule")
             try:
-                route = self._route(prompt_ids + sent, avoid, params.cache_salt, model)
+                route = self._route(prompt_ids + sent, avoid, params.cache_salt, placement)
             except APIError as e:
                 if failure is None:
                     raise
@@ -98,7 +99,7 @@ class Supervisor:
             outcome.first_route = outcome.first_route or route
             outcome.attempts += 1
             try:
-                deltas = self.orchestrator.attempt(attempt_id, prompt_ids + sent, remaining, route, model)
+                deltas = self.orchestrator.attempt(attempt_id, prompt_ids + sent, remaining, route, placement)
                 async with aclosing(deltas):
                     async for d in deltas:
                         if outcome.clock.current == "prefill":
@@ -122,15 +123,15 @@ class Supervisor:
                 failure = e
                 self._record(span, outcome, e, len(sent))
 
-    def _route(self, prompt_ids: list[int], avoid: set[str], cache_salt: str, model: str) -> Route:
+    def _route(self, prompt_ids: list[int], avoid: set[str], cache_salt: str, placement: Placement) -> Route:
         """Avoiding the workers that failed this request is a preference: when no other worker can
         take it, one of them may (a failed pull, say, need not be the decode worker's fault)."""
         try:
-            return self.orchestrator.route(prompt_ids, frozenset(avoid), cache_salt, model)
+            return self.orchestrator.route(prompt_ids, frozenset(avoid), cache_salt, placement)
         except APIError as e:
             if not avoid or e.code != "no_workers":
                 raise
-        return self.orchestrator.route(prompt_ids, cache_salt=cache_salt, model=model)
+        return self.orchestrator.route(prompt_ids, cache_salt=cache_salt, placement=placement)
 
     @staticmethod
     def _as_one_stream(d: Delta, prompt_ids: list[int], sent: list[int], cached: int, migrated: bool) -> Delta:

@@ -36,6 +36,9 @@ def add(
     models: str = typer.Option(None, help="comma-separated models it may use (default: all)"),
     rpm: int = typer.Option(None, min=1, help="requests per minute"),
     tpm: int = typer.Option(None, min=1, help="tokens per minute (prompt + max_tokens)"),
+    workload_class: str = typer.Option(
+        None, "--class", help="the gateway workload class all its requests run in (e.g. batch)"
+    ),
     file: str = FILE,
     registry: str = REGISTRY,
     prefix: str = PREFIX,
@@ -44,7 +47,7 @@ def add(
     """Make a key and print it. It is not stored, only its digest: copy it now."""
     allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
     try:
-        key, rec = _store(file, registry, prefix, secret_file).add(name, allowed, rpm, tpm)
+        key, rec = _store(file, registry, prefix, secret_file).add(name, allowed, rpm, tpm, workload_class)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e

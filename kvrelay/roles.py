@@ -34,6 +34,7 @@ MEMORY_BUDGET = typer.Option(
     help="most memory the models may take together; others load on demand, the least recently used idle one "
     "making room (default: no budget)",
 )
+POOL = typer.Option(None, help="the worker pool this worker belongs to (a workload class may be kept to it)")
 PRELOAD = typer.Option(None, help="comma-separated model ids to load at start (default: all that fit)")
 
 
@@ -75,6 +76,7 @@ def register(app: typer.Typer) -> None:
         block_size: int = typer.Option(None, help="tokens per KV block (default 16)"),
         transfer: str = typer.Option(None, help="grpc (default) or nixl: nixl also serves NIXL pulls (a UCX agent)"),
         worker_id: str = typer.Option(None),
+        pool: str = POOL,
         registry: str = REGISTRY,
         config: Path = CONFIG,
         log_level: str = typer.Option("info"),
@@ -97,6 +99,7 @@ def register(app: typer.Typer) -> None:
             block_size=block_size,
             transfer=transfer,
             worker_id=worker_id,
+            pool=pool,
             registry=registry,
         )
 
@@ -118,6 +121,7 @@ def register(app: typer.Typer) -> None:
             help="a prefill worker host:port this worker may pull KV from (repeat; registered ones count too)",
         ),
         worker_id: str = typer.Option(None),
+        pool: str = POOL,
         registry: str = REGISTRY,
         config: Path = CONFIG,
         log_level: str = typer.Option("info"),
@@ -141,6 +145,7 @@ def register(app: typer.Typer) -> None:
             transfer=transfer,
             prefill_peers=prefill_peers or None,
             worker_id=worker_id,
+            pool=pool,
             registry=registry,
         )
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import types_pb2 as kvrelay_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvrelay/v1/worker.proto\x12\nkvrelay.v1\x1a\x16kvrelay/v1/types.proto\"\x0f\n\rHealthRequest\"=\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\"\x0e\n\x0cStatsRequest\"\xb8\x03\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12$\n\x06layout\x18\x04 \x01(\x0b\x32\x14.kvrelay.v1.KVLayout\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x0e\n\x06pinned\x18\x07 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x08 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\t \x01(\r\x12\x15\n\rcached_blocks\x18\n \x01(\r\x12\x1b\n\x13prefix_query_tokens\x18\x0b \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x0c \x01(\x04\x12\x19\n\x11transfer_backends\x18\r \x03(\t\x12\x19\n\x11transfer_endpoint\x18\x0e \x01(\t\x12\x15\n\rmax_model_len\x18\x0f \x01(\r\x12\x10\n\x08\x64raining\x18\x10 \x01(\x08\x12&\n\x06models\x18\x11 \x03(\x0b\x32\x16.kvrelay.v1.ModelStats\x12\x1b\n\x13memory_budget_bytes\x18\x12 \x01(\x04\"\x83\x02\n\nModelStats\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.kvrelay.v1.KVLayout\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x0e\n\x06pinned\x18\x06 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x07 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x08 \x01(\r\x12\x15\n\rmax_model_len\x18\t \x01(\r\x12\x17\n\x0f\x66ootprint_bytes\x18\n \x01(\x04\x12\r\n\x05loads\x18\x0b \x01(\r\x12\x11\n\tevictions\x18\x0c \x01(\r\"\'\n\x12WatchEventsRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\"M\n\x07KVEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\nblock_hash\x18\x03 \x01(\x06\x12\x13\n\x0bparent_hash\x18\x04 \x01(\x06\"p\n\x0cKVEventBatch\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.kvrelay.v1.KVEvent\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\x17\n\x0fsnapshot_hashes\x18\x03 \x03(\x06\x12\x10\n\x08last_seq\x18\x04 \x01(\x04\x32\xd9\x01\n\rWorkerService\x12?\n\x06Health\x12\x19.kvrelay.v1.HealthRequest\x1a\x1a.kvrelay.v1.HealthResponse\x12<\n\x05Stats\x12\x18.kvrelay.v1.StatsRequest\x1a\x19.kvrelay.v1.StatsResponse\x12I\n\x0bWatchEvents\x12\x1e.kvrelay.v1.WatchEventsRequest\x1a\x18.kvrelay.v1.KVEventBatch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvrelay/v1/worker.proto\x12\nkvrelay.v1\x1a\x16kvrelay/v1/types.proto\"\x0f\n\rHealthRequest\"=\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\"\x0e\n\x0cStatsRequest\"\xc6\x03\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12$\n\x06layout\x18\x04 \x01(\x0b\x32\x14.kvrelay.v1.KVLayout\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x0e\n\x06pinned\x18\x07 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x08 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\t \x01(\r\x12\x15\n\rcached_blocks\x18\n \x01(\r\x12\x1b\n\x13prefix_query_tokens\x18\x0b \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x0c \x01(\x04\x12\x19\n\x11transfer_backends\x18\r \x03(\t\x12\x19\n\x11transfer_endpoint\x18\x0e \x01(\t\x12\x15\n\rmax_model_len\x18\x0f \x01(\r\x12\x10\n\x08\x64raining\x18\x10 \x01(\x08\x12&\n\x06models\x18\x11 \x03(\x0b\x32\x16.kvrelay.v1.ModelStats\x12\x1b\n\x13memory_budget_bytes\x18\x12 \x01(\x04\x12\x0c\n\x04pool\x18\x13 \x01(\t\"\x83\x02\n\nModelStats\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.kvrelay.v1.KVLayout\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x0e\n\x06pinned\x18\x06 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x07 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x08 \x01(\r\x12\x15\n\rmax_model_len\x18\t \x01(\r\x12\x17\n\x0f\x66ootprint_bytes\x18\n \x01(\x04\x12\r\n\x05loads\x18\x0b \x01(\r\x12\x11\n\tevictions\x18\x0c \x01(\r\"\'\n\x12WatchEventsRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\"M\n\x07KVEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\nblock_hash\x18\x03 \x01(\x06\x12\x13\n\x0bparent_hash\x18\x04 \x01(\x06\"p\n\x0cKVEventBatch\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.kvrelay.v1.KVEvent\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\x17\n\x0fsnapshot_hashes\x18\x03 \x03(\x06\x12\x10\n\x08last_seq\x18\x04 \x01(\x04\x32\xd9\x01\n\rWorkerService\x12?\n\x06Health\x12\x19.kvrelay.v1.HealthRequest\x1a\x1a.kvrelay.v1.HealthResponse\x12<\n\x05Stats\x12\x18.kvrelay.v1.StatsRequest\x1a\x19.kvrelay.v1.StatsResponse\x12I\n\x0bWatchEvents\x12\x1e.kvrelay.v1.WatchEventsRequest\x1a\x18.kvrelay.v1.KVEventBatch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,15 +39,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATSREQUEST']._serialized_start=143
   _globals['_STATSREQUEST']._serialized_end=157
   _globals['_STATSRESPONSE']._serialized_start=160
-  _globals['_STATSRESPONSE']._serialized_end=600
-  _globals['_MODELSTATS']._serialized_start=603
-  _globals['_MODELSTATS']._serialized_end=862
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=864
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=903
-  _globals['_KVEVENT']._serialized_start=905
-  _globals['_KVEVENT']._serialized_end=982
-  _globals['_KVEVENTBATCH']._serialized_start=984
-  _globals['_KVEVENTBATCH']._serialized_end=1096
-  _globals['_WORKERSERVICE']._serialized_start=1099
-  _globals['_WORKERSERVICE']._serialized_end=1316
+  _globals['_STATSRESPONSE']._serialized_end=614
+  _globals['_MODELSTATS']._serialized_start=617
+  _globals['_MODELSTATS']._serialized_end=876
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=878
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=917
+  _globals['_KVEVENT']._serialized_start=919
+  _globals['_KVEVENT']._serialized_end=996
+  _globals['_KVEVENTBATCH']._serialized_start=998
+  _globals['_KVEVENTBATCH']._serialized_end=1110
+  _globals['_WORKERSERVICE']._serialized_start=1113
+  _globals['_WORKERSERVICE']._serialized_end=1330
 # @@protoc_insertion_point(module_scope)

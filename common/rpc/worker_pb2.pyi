@@ -26,7 +26,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("worker_id", "role", "model_id", "layout", "waiting", "running", "pinned", "free_blocks", "total_blocks", "cached_blocks", "prefix_query_tokens", "prefix_hit_tokens", "transfer_backends", "transfer_endpoint", "max_model_len", "draining", "models", "memory_budget_bytes")
+    __slots__ = ("worker_id", "role", "model_id", "layout", "waiting", "running", "pinned", "free_blocks", "total_blocks", "cached_blocks", "prefix_query_tokens", "prefix_hit_tokens", "transfer_backends", "transfer_endpoint", "max_model_len", "draining", "models", "memory_budget_bytes", "pool")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class StatsResponse(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     model_id: str
@@ -63,7 +64,8 @@ class StatsResponse(_message.Message):
     draining: bool
     models: _containers.RepeatedCompositeFieldContainer[ModelStats]
     memory_budget_bytes: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., model_id: _Optional[str] = ..., layout: _Optional[_Union[_types_pb2.KVLayout, _Mapping]] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., pinned: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., transfer_backends: _Optional[_Iterable[str]] = ..., transfer_endpoint: _Optional[str] = ..., max_model_len: _Optional[int] = ..., draining: _Optional[bool] = ..., models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
+    pool: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., model_id: _Optional[str] = ..., layout: _Optional[_Union[_types_pb2.KVLayout, _Mapping]] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., pinned: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., transfer_backends: _Optional[_Iterable[str]] = ..., transfer_endpoint: _Optional[str] = ..., max_model_len: _Optional[int] = ..., draining: _Optional[bool] = ..., models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., memory_budget_bytes: _Optional[int] = ..., pool: _Optional[str] = ...) -> None: ...
 
 class ModelStats(_message.Message):
     __slots__ = ("model_id", "loaded", "layout", "waiting", "running", "pinned", "free_blocks", "total_blocks", "max_model_len", "footprint_bytes", "loads", "evictions")

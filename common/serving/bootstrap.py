@@ -55,6 +55,7 @@ async def run_worker(settings: WorkerSettings, role: Role) -> None:
         role=settings.role,
         address=settings.address,
         transfer_backends=role.backends,
+        pool=settings.pool,
     )
     budget = settings.memory_budget_mb * 2**20 if settings.memory_budget_mb else None
     pool = ModelPool(

@@ -22,6 +22,7 @@ class WorkerIdentity:
     role: str
     address: str
     transfer_backends: tuple[str, ...]
+    pool: str = ""
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -57,6 +58,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             draining=self.draining,
             models=models,
             memory_budget_bytes=self.pool.budget_bytes or 0,
+            pool=self.identity.pool,
         )
 
     async def WatchEvents(  # noqa: N802

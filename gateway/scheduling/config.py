@@ -3,11 +3,11 @@ the picker, the imbalance guard and the P/D decider. Validated at start; errors 
 
     profiles:
       prefill:
-        filters: [health, not-draining, model, layout, kv-fit, stream-limit]
+        filters: [health, not-draining, model, pool, layout, kv-fit, stream-limit]
         scorers: [{type: prefix-cache, weight: 2}, {type: queue-depth, weight: 1}, {type: kv-usage, weight: 1}]
         picker: {type: max-score, temperature: 0}
       decode:
-        filters: [health, not-draining, model, layout, kv-fit]
+        filters: [health, not-draining, model, pool, layout, kv-fit]
         scorers: [{type: kv-usage, weight: 1}, {type: running, weight: 1}, {type: kv-fit, weight: 1},
                   {type: model-loaded, weight: 4}]
     imbalance: {absolute: 4, relative: 1.5}
@@ -65,7 +65,7 @@ class PickerSpec(_Strict):
 
 class ProfileSpec(_Strict):
     filters: list[str] = Field(
-        default_factory=lambda: ["health", "not-draining", "model", "layout", "kv-fit", "stream-limit"]
+        default_factory=lambda: ["health", "not-draining", "model", "pool", "layout", "kv-fit", "stream-limit"]
     )
     scorers: list[ScorerSpec]
     picker: PickerSpec = Field(default_factory=PickerSpec)

@@ -28,6 +28,15 @@ class ModelFilter:
         return c.serves_model
 
 
+class PoolFilter:
+    """The worker is in the pool the request's workload class is kept to, if it is kept to one."""
+
+    type_name = "pool"
+
+    def keep(self, c: Candidate, req: RequestInfo) -> bool:
+        return c.in_pool
+
+
 class LayoutFilter:
     """The worker holds the request's model with the KV layout the pool agreed on for it."""
 
@@ -60,5 +69,6 @@ class StreamLimitFilter:
 
 
 FILTERS = {
-    f.type_name: f for f in (HealthFilter, NotDrainingFilter, ModelFilter, LayoutFilter, KVFitFilter, StreamLimitFilter)
+    f.type_name: f
+    for f in (HealthFilter, NotDrainingFilter, ModelFilter, PoolFilter, LayoutFilter, KVFitFilter, StreamLimitFilter)
 }

@@ -127,6 +127,8 @@ def _dropped_by(c: Candidate, req: RequestInfo) -> str:
         return "draining"
     if not c.serves_model:
         return "does not serve the model"
+    if not c.in_pool:
+        return "not in the workload class's pool"
     if not c.layout_ok:
         return "layout mismatch"
     if not FILTERS["kv-fit"]().keep(c, req):

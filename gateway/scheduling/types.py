@@ -24,6 +24,7 @@ class Candidate:
     stream_limit: int = 0  # most streams a decode worker may be given; 0: no limit
     serves_model: bool = True  # the request's model is one this worker serves
     model_loaded: bool = True  # ...and has loaded (else the first request waits for a load)
+    in_pool: bool = True  # the worker is in the pool the request's workload class is kept to (if any)
 
     @property
     def kv_usage(self) -> float:
@@ -33,6 +34,18 @@ class Candidate:
     def load(self) -> int:
         """Requests queued or running: the imbalance guard's measure."""
         return self.waiting + self.running
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a request may run: its model ("": the gateway's first) and the worker pool its workload
+    class is kept to ("": any)."""
+
+    model: str = ""
+    pool: str = ""
+
+
+ANYWHERE = Placement()
 
 
 @dataclass(frozen=True)

@@ -37,3 +37,19 @@ class UnknownRequestError(KVRelayError, KeyError):
 
 class PermissionDeniedError(KVRelayError):
     """A caller presented a credential that does not hold: a forged, altered or expired KV handle."""
+
+
+class ModelNotFoundError(ModelLoadError):
+    """No model of that id (or version) is in the model repository; the message lists what is."""
+
+
+class ModelIntegrityError(ModelLoadError):
+    """A repository model's files no longer match the SHA-256 digests recorded when it was added."""
+
+
+class ModelExistsError(KVRelayError):
+    """That id and version is already in the model repository; versions are never overwritten."""
+
+
+class InvalidModelNameError(KVRelayError, ValueError):
+    """A model id or version breaks the naming rule (they become directory names)."""

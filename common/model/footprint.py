@@ -7,16 +7,12 @@ evict before it loads rather than after it has run out of memory.
 
 from __future__ import annotations
 
-import json
-import math
-import struct
-
 import torch
 from torch import nn
 
 from common.config import EngineConfig
 from common.model.quant import PackedLinear
-from common.model_source import ModelSource, open_gguf
+from common.model_source import ModelSource
 
 _BYTES_PER_WEIGHT = {"fp16": 2, "int8": 1}
 
@@ -44,21 +40,11 @@ def estimate_weight_bytes(parameter_count: int, quantization: str, dtype: str) -
 
 
 
-def count_parameters(source: ModelSource) -> int:
-    """Elements of every weight tensor, read from the file's headers (no weights are loaded)."""
-    if source.kind == "gguf":
-        return sum(int(t.n_elements) for t in open_gguf(source.path).tensors)
-    total = 0
-    for path in sorted(source.path.glob("*.safetensors")):
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-    return total
-
-
 def estimate_bytes(source: ModelSource, config: EngineConfig, quantization: str) -> int:
     """A model's weights as served plus its KV cache, before it is loaded."""
-    weights = estimate_weight_bytes(count_parameters(source), quantization, config.resolved_dtype())
+    from common.repository.metadata import inspect_weights  # headers only: no tensor is read
+
+    count = inspect_weights(source).parameter_count
+    weights = estimate_weight_bytes(count, quantization, config.resolved_dtype())
     kv = config.kv_cache_mb * 2**20 if config.num_kv_blocks is None else 0  # blocks: known once loaded
     return weights + kv

@@ -12,6 +12,7 @@ from typing import Protocol
 import grpc
 
 from common.engine.async_engine import AsyncEngine
+from common.repository.store import use_repository
 from common.rpc import worker_pb2_grpc
 from common.rpc.channels import CHANNEL_OPTIONS
 from common.serving.drain import drain
@@ -43,6 +44,7 @@ class Role(Protocol):
 
 
 async def run_worker(settings: WorkerSettings, role: Role) -> None:
+    use_repository(settings.model_repo)
     worker_id = settings.worker_id or f"{settings.role}-{uuid.uuid4().hex[:8]}"
     init_tracing(f"kvrelay-{settings.role}", settings.tracing, instance_id=worker_id)
     server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)

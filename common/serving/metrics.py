@@ -30,6 +30,12 @@ _TRANSFER_BUCKETS = (
 )  # fmt: skip
 _BYTES_BUCKETS = tuple(float(4**k * 1024) for k in range(13))  # 1 KiB .. 16 GiB
 
+MODEL_LOAD_SECONDS = Histogram(
+    "kvrelay_worker_model_load_seconds",
+    "Time to load a model (read, dequantize, pack, allocate its KV cache), evictions before it excluded",
+    ["model"],
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+)
 INFO = Gauge("kvrelay_worker_info", "Always 1: who this worker is", ["worker_id", "role", "model", "version"])
 REQUESTS = Counter("kvrelay_worker_requests_total", "Requests handled by this worker", ["role", "rpc", "outcome"])
 TTFT = Histogram(

@@ -28,6 +28,7 @@ from common.errors import CacheFullError, UnknownRequestError
 from common.kv.events import KVEventLog
 from common.model.footprint import estimate_bytes, weight_bytes
 from common.model_source import resolve_model
+from common.serving.metrics import MODEL_LOAD_SECONDS
 
 log = logging.getLogger(__name__)
 _EVICT_POLL_S = 0.05
@@ -202,6 +203,7 @@ class ModelPool:
         known.footprint_bytes, known.layout, known.max_model_len = footprint, engine.layout, engine.max_model_len
         known.loads += 1
         self.loaded[model_id] = hosted
+        MODEL_LOAD_SECONDS.labels(model_id).observe(time.monotonic() - started)
         log.info(
             "loaded model %s in %.1fs (%.0f MB; %.0f MB of %s in use)",
             model_id,

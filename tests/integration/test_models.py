@@ -4,6 +4,8 @@ one, loading on demand and evicting the idle one; each request answered by the m
 from __future__ import annotations
 
 import asyncio
+import hashlib
+from pathlib import Path
 
 import httpx
 import pytest
@@ -11,6 +13,8 @@ import pytest
 from common.config import EngineConfig
 from common.engine.factory import build_engine
 from common.engine.sampling import SamplingParams
+from common.repository.store import ModelRepository
+from kvrelay.launcher import Cluster, free_worker_ports
 from tests.helpers import assert_no_leaks, run_to_completion, tokens_of
 from tests.integration.client import chat_token_ids, metric
 from tests.tiny_checkpoint import write_tiny_checkpoint
@@ -69,3 +73,23 @@ def test_two_models_share_workers_within_a_budget_of_one(cluster_factory, two_mo
             + metric(metrics_url, "kvrelay_worker_model_loaded", model="tiny-b")
             == 1.0
         )
+
+
+def test_a_worker_refuses_a_model_whose_digest_does_not_match(tmp_path, two_models, model_repository):
+    entry = ModelRepository(model_repository).add(two_models[0], "tampered", progress=False)
+    weights = next(entry.path.glob("*.safetensors"))
+    weights.unlink()  # a hard link shares the fixture's bytes: write a changed copy instead
+    data = bytearray(Path(two_models[0], weights.name).read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    cluster = Cluster(log_dir=str(tmp_path))
+    try:
+        cluster.worker("decode", free_worker_ports(1)[0], 1, "tampered")
+        proc = cluster.procs[0][1]
+        assert proc.wait(60) == 2
+        log = next(tmp_path.glob("decode-*.log")).read_text()
+        assert "failed its integrity check" in log and weights.name in log
+        assert entry.metadata.sha256[weights.name] in log  # the expected digest, and the one found
+        assert hashlib.sha256(bytes(data)).hexdigest() in log
+    finally:
+        cluster.stop()

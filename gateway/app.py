@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from common.discovery.record import RegistryKeys
 from common.discovery.redis_client import check_redis, open_redis
 from common.kv.block_hash import model_salt
+from common.repository.store import use_repository
 from common.rpc.channels import ChannelPool
 from common.settings import GatewaySettings, read_secret
 from common.tracing.setup import init_tracing, kvrelay_version, shutdown_tracing
@@ -40,7 +41,11 @@ from gateway.orchestrator import Orchestrator
 from gateway.prepare import Prepared, parse_body
 from gateway.rate_limits import MemoryBuckets, RedisBuckets
 from gateway.registry import WorkerRegistry
+from gateway.request_record import OK, SERVER_SIDE
 from gateway.responses import Responder, Shape
+from gateway.routes.router import Assignment, Router
+from gateway.routes.shadow import ShadowTraffic
+from gateway.routes.store import MemoryRouteStore, RedisRouteStore, RouteStore
 from gateway.scheduling.config import load_config
 from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.scheduler import Scheduler
@@ -52,6 +57,7 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
+    use_repository(settings.model_repo)
     catalog = ModelCatalog(settings)
     model_name = catalog.names()[0]
     init_tracing("kvrelay-gateway", settings.tracing, attributes={"kvrelay.model": model_name}, edge=True)
@@ -77,6 +83,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     supervisor = Supervisor(orchestrator, registry, settings.migration)
     admission = Admission(settings.admission, registry)
     responder = Responder(supervisor, admission, settings.routing_headers)
+    router = Router(_route_store(settings))
+    shadows = ShadowTraffic(supervisor, catalog, router)
     classes = WorkloadClasses(settings.workload_classes, settings.default_workload_class)
     lifecycle = Lifecycle(settings.drain_notice_s, settings.shutdown_timeout_s)
     keys = KeyStore(
@@ -102,7 +110,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 "API keys are off: anyone who can reach %s:%d may use this gateway", settings.host, settings.port
             )
         await registry.start()
+        await router.tick()  # the routes exist before the first request
+        judging = asyncio.get_running_loop().create_task(router.run(settings.routes_interval_s))
         yield
+        await cancel_and_wait([judging], 5.0)
+        await shadows.stop()
         if reloading is not None:
             await cancel_and_wait([reloading], 5.0)
         await registry.stop()
@@ -153,25 +165,36 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         lifecycle.check_accepting()
         body = await parse_body(request, ChatCompletionRequest)
         authorizer.check_model(request, body.model)
-        served = _served(body.model)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        served = _target(request, body.model, body.user, request_id)
         # Tokenizing and templating run off the event loop: a huge prompt must not stall other requests.
         prep = await asyncio.to_thread(served.preparer.chat, body)
         given = body.max_tokens is not None or body.max_completion_tokens is not None
-        return await generate(request, Shape("chat"), f"chatcmpl-{uuid.uuid4().hex}", prep, body.priority, given)
+        response = await generate(request, Shape("chat"), request_id, prep, body.priority, given)
+        _shadow(request, body, response)
+        return response
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         lifecycle.check_accepting()
         body = await parse_body(request, CompletionRequest)
         authorizer.check_model(request, body.model)
-        prep = await asyncio.to_thread(_served(body.model).preparer.completion, body)
-        given = body.max_tokens is not None
-        return await generate(request, Shape("text"), f"cmpl-{uuid.uuid4().hex}", prep, body.priority, given)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        served = _target(request, body.model, body.user, request_id)
+        prep = await asyncio.to_thread(served.preparer.completion, body)
+        response = await generate(request, Shape("text"), request_id, prep, body.priority, body.max_tokens is not None)
+        _shadow(request, body, response)
+        return response
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         key = Authorizer.key_of(request)
         listed = []
+        for name in router.public_names():
+            if key is None or key.allows(name):
+                served = [catalog.get(v.model) for v in router.get(name).variants]
+                lens = [m.max_model_len for m in served if m is not None]
+                listed.append({"id": name, "max_model_len": min(lens) if lens else 0})
         for name in catalog.names():
             if key is None or key.allows(name):  # a key sees only its models
                 listed.append({"id": name, "max_model_len": catalog.get(name).max_model_len})
@@ -181,11 +204,43 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             "data": [{**m, "object": "model", "created": created, "owned_by": "kvrelay"} for m in listed],
         }
 
-    def _served(name: str) -> ServedModel:
+    def _target(request: Request, name: str, user: str | None, request_id: str) -> ServedModel:
+        """The served model a request for `name` runs on: a route's variant (sticky per API key, else
+        per `user`), or the model of that name."""
+        key = Authorizer.key_of(request)
+        assignment = router.resolve(name, key.id if key is not None else user, request_id)
+        if assignment is not None:
+            request.state.assignment = assignment
+            served = catalog.get(assignment.model)
+            if served is None:
+                raise APIError(
+                    503,
+                    f"route {name!r} sends this request to model {assignment.model!r}, which this gateway does not "
+                    f"serve; fix the route (`kvrelay route set`)",
+                    "server_error",
+                    code="route_misconfigured",
+                )
+            request.state.record.on_end(lambda _: _judge(request, assignment))
+            return served
         served = catalog.get(name)
         if served is None:
-            raise catalog.not_found(name)
+            raise catalog.not_found(name, router.public_names())
         return served
+
+    def _judge(request: Request, assignment: Assignment) -> None:
+        """Feed the route's judge what this request came to: failures on our side count against the
+        variant; the client's errors, cancellations and load shedding say nothing about it."""
+        record = request.state.record
+        if record.outcome == OK:
+            router.record(assignment, True, record.ttft_s, record.tpot_s)
+        elif record.outcome in SERVER_SIDE:
+            router.record(assignment, False, record.ttft_s, record.tpot_s)
+
+    def _shadow(request: Request, body: ChatCompletionRequest | CompletionRequest, response: Response) -> None:
+        """Mirror an admitted request (never one turned away: that would add load where there is too much)."""
+        assignment = getattr(request.state, "assignment", None)
+        if assignment is not None and assignment.shadow_model is not None and response.status_code == 200:
+            shadows.mirror(assignment, body, authorizer.cache_salt(request, body.cache_salt or ""))
 
     ops = FastAPI(title="kvrelay gateway (internal)") if settings.internal_port is not None else app
     add_ops_routes(ops, registry, lifecycle)
@@ -194,6 +249,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.internal_app = ops
 
     return app
+
+
+def _route_store(settings: GatewaySettings) -> RouteStore:
+    if settings.registry:
+        return RedisRouteStore.from_url(
+            settings.registry, settings.registry_prefix, read_secret(settings.shared_secret_file)
+        )
+    if settings.routes_file:
+        return MemoryRouteStore.from_file(settings.routes_file)
+    return MemoryRouteStore()
 
 
 async def _reload_keys(keys: KeyStore, every_s: float) -> None:

@@ -83,6 +83,8 @@ class RequestRecord:
     error_message: str | None = None
     clock: PhaseClock = field(default_factory=PhaseClock)
     tokens_used: int = 0  # prompt + output tokens the request consumed (what a tokens/min budget is charged)
+    ttft_s: float | None = None  # arrival to first token, once there was one
+    tpot_s: float | None = None  # mean time per output token after the first, once the stream ended
     _on_end: list[Callable[[int], None]] = field(default_factory=list)
 
     def on_end(self, callback: Callable[[int], None]) -> None:

@@ -268,6 +268,7 @@ class Responder:
                     if first_at is None:
                         first_at = time.perf_counter()
                         TTFT.labels(model, _mode(outcome)).observe(first_at - t0)
+                        record.ttft_s = first_at - t0
                         span.add_event("first_token", {"kvrelay.ttft_seconds": first_at - t0})
                     ids += d.token_ids
                     last = d
@@ -281,6 +282,7 @@ class Responder:
             tpot = (end - first_at) / (len(ids) - 1) if first_at is not None and len(ids) > 1 else None
             if tpot is not None:
                 TPOT.labels(model, mode).observe(tpot)
+                record.tpot_s = tpot
             if last is not None:
                 span.set_attributes(_attributes(outcome, last, len(ids), tpot))
         finally:

@@ -11,15 +11,19 @@ import typer
 from bench.cli import bench_app
 from kvrelay import roles
 from kvrelay.keys_command import keys_app
+from kvrelay.models_command import models_app
 from kvrelay.plan_command import plan
 from kvrelay.ray_pools.command import ray_app
+from kvrelay.route_command import route_app
 from kvrelay.trace_cli import trace_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="kvrelay: disaggregated prefill/decode LLM serving")
 app.add_typer(bench_app, name="bench")
 app.add_typer(trace_app, name="trace")
 app.add_typer(keys_app, name="keys")
+app.add_typer(models_app, name="models")
 app.add_typer(ray_app, name="ray")
+app.add_typer(route_app, name="route")
 roles.register(app)
 app.command("plan")(plan)
 

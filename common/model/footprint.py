@@ -39,7 +39,6 @@ def estimate_weight_bytes(parameter_count: int, quantization: str, dtype: str) -
     return parameter_count * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
 
 
-
 def estimate_bytes(source: ModelSource, config: EngineConfig, quantization: str) -> int:
     """A model's weights as served plus its KV cache, before it is loaded."""
     from common.repository.metadata import inspect_weights  # headers only: no tensor is read

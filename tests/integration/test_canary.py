@@ -1,0 +1,85 @@
+"""A canary that breaks is rolled back by the gateway's judge on its own: only requests the route
+sent to the canary fail, and after the rollback every request goes to the stable model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import httpx
+import yaml
+
+from gateway.routes.spec import JudgeSpec, RouteSpec, Variant
+from gateway.routes.store import MemoryRouteStore
+from kvrelay.launcher import Cluster, free_port, free_worker_ports
+from tests.integration.client import metric
+from tests.integration.conftest import check_no_kv_held
+from tests.integration.test_models import two_models  # noqa: F401 - the fixture
+from tests.waiting import wait_for
+
+
+def _ask(url: str, user: str) -> httpx.Response:
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "user": user}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+
+
+def test_a_failing_canary_is_rolled_back_automatically(tmp_path, two_models):  # noqa: F811
+    routes = tmp_path / "routes.json"
+    store = MemoryRouteStore(path=routes)
+    store.set(
+        RouteSpec(
+            name="chat",
+            variants=[
+                Variant(name="stable", model="tiny-a", weight=70),
+                Variant(name="canary", model="tiny-b", weight=30),
+            ],
+            judge=JudgeSpec(min_requests=5),
+        )
+    )
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({"routes_file": str(routes), "routes_interval_s": 0.2}))
+    cluster = Cluster(log_dir=str(tmp_path))
+    try:
+        ports = free_worker_ports(2)
+        stable = cluster.worker("decode", ports[0], 1, two_models[0])
+        canary = cluster.worker("decode", ports[1], 1, two_models[1])
+        url = cluster.gateway(
+            free_port(), [], [stable, canary], None, ["--models", ",".join(two_models), "--config", str(config)]
+        )
+        cluster.wait_ready(url, want_mode="colocated")
+        wait_for(lambda: not httpx.get(f"{url}/ready").json()["workers"]["decode"]["down"], 60, "both workers up")
+        assert "chat" in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+
+        healthy = [_ask(url, f"user-{i}") for i in range(30)]
+        assert all(r.status_code == 200 for r in healthy), [r.text for r in healthy if r.status_code != 200]
+        served = {
+            v: metric(url, "kvrelay_gateway_route_requests_total", route="chat", variant=v)
+            for v in ("stable", "canary")
+        }
+        assert served["stable"] > 0 and served["canary"] > 0 and served["stable"] + served["canary"] == 30
+
+        os.kill(cluster.procs[1][1].pid, signal.SIGKILL)  # the canary's worker dies
+        failed = 0
+        sent = 0
+        deadline = time.monotonic() + 60
+        while store.get("chat").rolled_back is None:
+            assert time.monotonic() < deadline, "the canary was not rolled back within 60 s"
+            r = _ask(url, f"late-user-{sent}")
+            sent += 1
+            failed += r.status_code != 200
+        record = store.get("chat").rolled_back
+        assert record.variant == "canary" and "error rate" in record.reason
+        assert 0 < failed < sent  # only the canary's share failed: the stable's requests went on
+        time.sleep(0.5)  # every gateway tick after the write serves the rolled-back route
+        after = [_ask(url, f"user-{i}") for i in range(30)]  # the same users as before, canary ones included
+        assert all(r.status_code == 200 for r in after)
+        assert metric(url, "kvrelay_gateway_route_rollbacks_total", route="chat", variant="canary") == 1
+        assert metric(url, "kvrelay_gateway_route_weight", route="chat", variant="canary") == 0
+        shown = json.loads(routes.read_text())
+        assert "rolled_back" in json.dumps(shown)
+        assert "rolled back variant canary" in next(tmp_path.glob("gateway-*.log")).read_text()
+        check_no_kv_held([stable])
+    finally:
+        cluster.stop()

@@ -171,3 +171,38 @@ def chaos_cmd(
     )
     result = run_chaos_bench(cfg)
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
+@bench_app.command("models")
+def models_cmd(
+    requests: int = typer.Option(24, help="requests per budget"),
+    rate: float = typer.Option(0.2, help="mean arrival rate, requests/s (Poisson)"),
+    kv_cache_mb: int = typer.Option(64, help="KV cache of each model on each worker"),
+    budget_one_mb: int = typer.Option(450, help="a memory budget that holds one model (fp16 ~335 MB, int8 ~200 MB)"),
+    budget_both_mb: int = typer.Option(700, help="a memory budget that holds both"),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
+) -> None:
+    """Two models (SmolLM2 fp16 and int8) behind one gateway under a mixed workload, with a memory budget
+    that holds one model at a time and one that holds both: loads, evictions, cold-load time, TTFT per model."""
+    from bench.models_bench import run_models_bench
+
+    budgets = {"one": budget_one_mb, "both": budget_both_mb}
+    result = run_models_bench(requests, rate, seed, kv_cache_mb, budgets)
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
+@bench_app.command("canary")
+def canary_cmd(
+    canary_weight: int = typer.Option(10, min=1, max=99, help="percent of users on the canary"),
+    clients: int = typer.Option(6, min=1, help="clients sending short requests back to back"),
+    healthy_s: float = typer.Option(60.0, help="seconds of traffic before the canary's worker is killed"),
+    after_s: float = typer.Option(10.0, help="seconds of traffic after the rollback"),
+    timeout_s: float = typer.Option(120.0, help="give up waiting for the rollback after this long"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
+) -> None:
+    """Time from a canary breaking (its worker killed) to the judge's rollback, at the judge's default settings."""
+    from bench.canary_bench import run_canary_bench
+
+    result = run_canary_bench(canary_weight, clients, healthy_s, after_s, timeout_s)
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))

@@ -151,7 +151,9 @@ async def run_load(
     seed: int,
     label: str,
     headers: dict[str, str] | None = None,
+    kind_is_model: bool = False,
 ) -> tuple[list[Sample], float]:
+    """`kind_is_model`: each request's kind names the model it asks for (a mix of models)."""
     rng = random.Random(seed + 1)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), headers=headers) as client:
         tasks = []
@@ -159,7 +161,7 @@ async def run_load(
         with Progress(transient=True, console=Console(stderr=True)) as bar:  # stdout: the JSON only
             task = bar.add_task(f"{label}: {len(requests)} requests at {rate}/s", total=len(requests))
             for kind, prompt, olen in requests:
-                t = asyncio.create_task(_one(client, url, model, kind, prompt, olen))
+                t = asyncio.create_task(_one(client, url, kind if kind_is_model else model, kind, prompt, olen))
                 t.add_done_callback(lambda _: bar.advance(task))
                 tasks.append(t)
                 await asyncio.sleep(rng.expovariate(rate))

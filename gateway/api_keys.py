@@ -17,13 +17,14 @@ import json
 import logging
 import os
 import secrets
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import redis
+
+from common.atomic_file import write_atomically
 
 log = logging.getLogger(__name__)
 PREFIX = "kvr-"
@@ -192,13 +193,4 @@ class KeyStore:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         body = json.dumps({"keys": [asdict(k) for k in keys.values()]}, indent=1)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".keys-")
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(body)
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        write_atomically(self.path, body, 0o600)

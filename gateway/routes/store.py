@@ -14,8 +14,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -26,6 +24,7 @@ import redis
 import yaml
 from pydantic import ValidationError
 
+from common.atomic_file import write_atomically
 from gateway.routes.spec import RouteSpec
 
 log = logging.getLogger(__name__)
@@ -128,15 +127,7 @@ class MemoryRouteStore:
         else:
             body = yaml.safe_dump({"routes": routes}, sort_keys=False)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".routes-")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(body)
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        write_atomically(self.path, body)
         st = self.path.stat()
         self._seen = (st.st_mtime_ns, st.st_size)
 

@@ -15,7 +15,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.discovery.record import RegistryKeys
 from common.discovery.redis_client import check_redis, open_redis
-from common.kv.block_hash import model_salt
 from common.repository.store import use_repository
 from common.rpc.channels import ChannelPool
 from common.settings import GatewaySettings, read_secret
@@ -149,10 +148,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         selected = classes.select(request)
         if selected is not None:
             classes.apply(prep, *selected, max_tokens_given)
-        # Each model's prefix chains start from its own root, so one worker's cache events never make
-        # one model's blocks look cached for another (and a tenant's salt keeps tenants apart).
-        salt = model_salt(prep.model, authorizer.cache_salt(request, prep.params.cache_salt))
-        prep.params = dataclasses.replace(prep.params, cache_salt=salt)
+        salt = authorizer.cache_salt(request, prep.params.cache_salt)
+        if salt != prep.params.cache_salt:
+            prep.params = dataclasses.replace(prep.params, cache_salt=salt)
         await authorizer.reserve(request, len(prep.prompt_ids) + prep.params.max_tokens, request.state.record.on_end)
         try:
             return await responder.respond(shape, request_id, prep, request)

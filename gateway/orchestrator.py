@@ -20,7 +20,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from common.engine.sampling import SamplingParams
-from common.kv.block_hash import block_hashes
+from common.kv.block_hash import block_hashes, model_salt
 from common.rpc import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc, types_pb2
 from common.rpc.channels import ChannelPool
 from common.rpc.convert import params_to_proto
@@ -106,7 +106,7 @@ class Orchestrator:
     ) -> Route:
         model = placement.model or self.registry.model_id
         bs = self.registry.block_size(model)
-        req = RequestInfo(len(prompt_ids), tuple(block_hashes(prompt_ids, bs, cache_salt)), bs)
+        req = RequestInfo(len(prompt_ids), tuple(block_hashes(prompt_ids, bs, model_salt(model, cache_salt))), bs)
         pools: dict[str, list] = {"prefill": [], "decode": []}
         for role, pool in pools.items():
             view = self.registry.pool(role, model)

@@ -34,8 +34,8 @@ class LLMEngine:
         events: KVEventLog | None = None,
     ) -> None:
         """`events`: the log to report cache changes to; a worker serving several models shares one,
-        so gateways follow one stream per worker (the models' block hashes never collide: the
-        gateway salts each model's chain with its id)."""
+        so gateways follow one stream per worker (the models' block hashes never collide: each
+        model's chains start from a root of its id)."""
         cfg = model.config
         self.config = config
         self.tokenizer = tokenizer
@@ -53,7 +53,7 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_mb * 2**20 // self.layout.block_bytes)
         self.cache = KVCache(self.layout, num_blocks, config.device)
         self.events = events if events is not None else KVEventLog()
-        self.blocks = BlockManager(num_blocks, config.block_size, self.events)
+        self.blocks = BlockManager(num_blocks, config.block_size, self.events, namespace=model_id)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache, config.device)
         eos = set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())

@@ -28,8 +28,9 @@ def root_hash(cache_salt: str = "") -> int:
 
 
 def model_salt(model_id: str, cache_salt: str = "") -> str:
-    """The cache salt that starts `model_id`'s chains: a worker serving several models reports all
-    their blocks on one event stream, and the same tokens must not look cached for another model."""
+    """What starts `model_id`'s chains under a cache salt: a worker serving several models reports all
+    their blocks on one event stream, and the same tokens must not look cached for another model.
+    Engines apply it with their own model id; gateways with the id of the model they route to."""
     return f"{model_id}\x00{cache_salt}" if model_id else cache_salt
 
 

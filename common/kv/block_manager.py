@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from common.errors import CacheFullError
-from common.kv.block_hash import ROOT_HASH, hash_block, root_hash
+from common.kv.block_hash import ROOT_HASH, hash_block, model_salt, root_hash
 from common.kv.events import KVEventLog
 
 
@@ -52,7 +52,10 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, events: KVEventLog | None = None) -> None:
+    def __init__(self, num_blocks: int, block_size: int, events: KVEventLog | None = None, namespace: str = "") -> None:
+        """`namespace`: the model's id; its chains start from a root of their own, so a worker serving
+        several models reports blocks that never collide, and gateways compute the same hashes."""
+        self.namespace = namespace
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: deque[int] = deque(range(num_blocks))  # ref 0, no hash
@@ -101,8 +104,11 @@ class BlockManager:
             hits.append(bid)
         return hits
 
+    def _root(self, seq: BlockOwner) -> int:
+        return root_hash(model_salt(self.namespace, seq.params.cache_salt))
+
     def can_allocate(self, seq: BlockOwner) -> bool:
-        hits = self.match_prefix(seq.token_ids, root_hash(seq.params.cache_salt))
+        hits = self.match_prefix(seq.token_ids, self._root(seq))
         shared_in_use = sum(1 for b in hits if self.blocks[b].ref_count > 0)
         return self.blocks_for(len(seq)) - shared_in_use <= self.num_free_blocks
 
@@ -115,7 +121,7 @@ class BlockManager:
         if seq.block_table:
             raise RuntimeError(f"request {seq.request_id!r} already holds blocks")
         tokens = seq.token_ids
-        hits = self.match_prefix(tokens, root_hash(seq.params.cache_salt))
+        hits = self.match_prefix(tokens, self._root(seq))
         hashes: list[int] = []
         for bid in hits:
             block = self.blocks[bid]
@@ -146,7 +152,7 @@ class BlockManager:
         """Register the hashes of blocks that became full and computed since the last commit."""
         bs = self.block_size
         tokens = seq.token_ids
-        root = root_hash(seq.params.cache_salt)
+        root = self._root(seq)
         parent = seq.block_hashes[-1] if seq.block_hashes else root
         for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
             chunk = tuple(tokens[i * bs : (i + 1) * bs])

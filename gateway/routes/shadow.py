@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import uuid
 
-from common.kv.block_hash import model_salt
 from gateway.catalog import ModelCatalog
 from gateway.routes.metrics import SHADOW_REQUESTS
 from gateway.routes.router import Assignment, Router
@@ -48,7 +47,7 @@ class ShadowTraffic:
                 raise LookupError(f"shadow model {assignment.shadow_model!r} is not served by this gateway")
             prepare = served.preparer.chat if isinstance(body, ChatCompletionRequest) else served.preparer.completion
             prep = await asyncio.to_thread(prepare, body)
-            params = dataclasses.replace(prep.params, cache_salt=model_salt(served.model_id, cache_salt))
+            params = dataclasses.replace(prep.params, cache_salt=cache_salt)
             deltas = self.supervisor.serve(
                 f"shadow-{uuid.uuid4().hex}", prep.prompt_ids, params, Outcome(), Placement(served.model_id)
             )

@@ -11,12 +11,12 @@ import time
 import httpx
 import yaml
 
-from gateway.routes.spec import JudgeSpec, RouteSpec, Variant
+from gateway.routes.spec import JudgeSpec, RouteSpec, Shadow, Variant
 from gateway.routes.store import MemoryRouteStore
 from kvrelay.launcher import Cluster, free_port, free_worker_ports
 from tests.integration.client import metric
 from tests.integration.conftest import check_no_kv_held
-from tests.integration.test_models import two_models  # noqa: F401 - the fixture
+from tests.integration.test_models import QUESTION, reference, two_models  # noqa: F401 - two_models: the fixture
 from tests.waiting import wait_for
 
 
@@ -81,5 +81,45 @@ def test_a_failing_canary_is_rolled_back_automatically(tmp_path, two_models):  #
         assert "rolled_back" in json.dumps(shown)
         assert "rolled back variant canary" in next(tmp_path.glob("gateway-*.log")).read_text()
         check_no_kv_held([stable])
+    finally:
+        cluster.stop()
+
+
+def test_shadow_copies_run_on_the_shadow_model_and_are_never_returned(tmp_path, two_models):  # noqa: F811
+    routes = tmp_path / "routes.json"
+    MemoryRouteStore(path=routes).set(
+        RouteSpec(
+            name="chat",
+            variants=[Variant(name="stable", model="tiny-a", weight=100)],
+            shadow=Shadow(model="tiny-b", percent=100),
+        )
+    )
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({"routes_file": str(routes), "routes_interval_s": 0.2}))
+    cluster = Cluster(log_dir=str(tmp_path), env={"KVRELAY_ROUTING_HEADERS": "true"})
+    try:
+        ports = free_worker_ports(2)
+        stable = cluster.worker("decode", ports[0], 1, two_models[0])
+        shadow = cluster.worker("decode", ports[1], 1, two_models[1])
+        url = cluster.gateway(
+            free_port(), [], [stable, shadow], None, ["--models", ",".join(two_models), "--config", str(config)]
+        )
+        cluster.wait_ready(url, want_mode="colocated")
+        wait_for(lambda: not httpx.get(f"{url}/ready").json()["workers"]["decode"]["down"], 60, "both workers up")
+        want = reference(two_models[0], 4)
+        for i in range(5):
+            r = _ask(url, f"user-{i}")
+            assert r.status_code == 200 and r.headers["x-kvrelay-decode"] == f"decode-{ports[0]}"
+        wait_for(
+            lambda: metric(url, "kvrelay_gateway_route_shadow_requests_total", route="chat", outcome="ok") == 5,
+            30,
+            "the five shadow copies to finish",
+        )
+        host, port = shadow.rsplit(":", 1)
+        assert metric(f"http://{host}:{int(port) + 1000}", "kvrelay_worker_requests_total", rpc="Generate") == 5
+        body = {"model": "chat", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4, "temperature": 0}
+        ids = httpx.post(f"{url}/v1/chat/completions", json={**body, "return_token_ids": True}, timeout=60)
+        assert ids.json()["choices"][0]["token_ids"] == want  # the stable model's answer, not the shadow's
+        check_no_kv_held([stable, shadow])
     finally:
         cluster.stop()

@@ -3,6 +3,7 @@ import pytest
 from common.engine.sampling import SamplingParams
 from common.engine.sequence import Sequence
 from common.errors import CacheFullError
+from common.kv.block_hash import block_hashes, model_salt, root_hash
 from common.kv.block_manager import BlockManager
 from tests.helpers import assert_no_leaks, run_to_completion, tiny_engine
 
@@ -115,7 +116,6 @@ def test_allocate_blocks_beyond_capacity_raises():
 def test_a_cache_salt_shares_blocks_only_within_itself():
     """Tenant isolation: the same prompt under another salt finds nothing cached (no hit, no
     cached_tokens signal), and under its own salt finds everything."""
-    from common.kv.block_hash import block_hashes, root_hash
 
     engine = tiny_engine()
     prompt = list(range(1, 50))
@@ -128,3 +128,19 @@ def test_a_cache_salt_shares_blocks_only_within_itself():
     assert root_hash("") == 0 and root_hash("tenant-a") != root_hash("tenant-b")
     assert block_hashes(prompt, 16, "tenant-a")[0] != block_hashes(prompt, 16)[0]
     assert_no_leaks(engine)
+
+
+def test_each_models_chains_start_from_a_root_of_its_own():
+    """A worker serving several models reports every model's blocks on one stream: an engine hashes
+    its blocks in its model's namespace, the one the gateway computes for that model."""
+    a, b = tiny_engine(), tiny_engine()
+    b.blocks.namespace = "another-model"
+    prompt = list(range(1, 50))
+    for engine in (a, b):
+        engine.add_request("r", prompt, SamplingParams.create(max_tokens=2))
+        run_to_completion(engine)
+        want = block_hashes(prompt, engine.blocks.block_size, model_salt(engine.blocks.namespace))
+        assert want and set(want) <= set(engine.blocks.cached_block_hashes())  # the output's blocks too
+        assert_no_leaks(engine)
+    assert a.blocks.namespace == a.layout.model_id
+    assert not set(a.blocks.cached_block_hashes()) & set(b.blocks.cached_block_hashes())

@@ -31,7 +31,7 @@ class _Scripted:
         n = len(self.avoided)
         return Route("disaggregated", f"p{n}:1", f"d{n}:1", prefill_id=f"p{n}", decode_id=f"d{n}")
 
-    async def attempt(self, request_id, prompt_ids, params, route, model="") -> AsyncIterator[Delta]:  # noqa: ANN001
+    async def attempt(self, request_id, prompt_ids, params, route, placement=None) -> AsyncIterator[Delta]:  # noqa: ANN001
         self.calls.append((request_id, list(prompt_ids), params.max_tokens, route.decode))
         for step in self.scripts[len(self.calls) - 1]:
             if isinstance(step, BaseException):
@@ -103,7 +103,7 @@ def test_a_slow_decode_worker_is_avoided_but_not_marked_down():
 
 def test_avoiding_is_a_preference_when_no_other_worker_is_left():
     class _OnlyOne(_Scripted):
-        def route(self, prompt_ids, avoid=frozenset(), cache_salt="", model=""):  # noqa: ANN001, ANN201
+        def route(self, prompt_ids, avoid=frozenset(), cache_salt="", placement=None):  # noqa: ANN001, ANN201
             if avoid:
                 raise APIError(503, "no decode worker can take the request", "server_error", code="no_workers")
             return super().route(prompt_ids, avoid, cache_salt)
@@ -123,7 +123,7 @@ def test_avoiding_is_a_preference_when_no_other_worker_is_left():
 
 def test_nowhere_to_go_after_a_failure_reports_the_failure_not_the_routing():
     class _NoneLeft(_Scripted):
-        def route(self, prompt_ids, avoid=frozenset(), cache_salt="", model=""):  # noqa: ANN001, ANN201
+        def route(self, prompt_ids, avoid=frozenset(), cache_salt="", placement=None):  # noqa: ANN001, ANN201
             if self.avoided:
                 raise APIError(503, "no decode worker can take the request", "server_error", code="no_workers")
             return super().route(prompt_ids, avoid, cache_salt)

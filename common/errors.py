@@ -35,6 +35,10 @@ class UnknownRequestError(KVRelayError, KeyError):
         return str(self.args[0]) if self.args else "unknown request"
 
 
+class EngineStoppedError(KVRelayError):
+    """A call reached an engine that has shut down (its model was evicted, or the worker is stopping)."""
+
+
 class PermissionDeniedError(KVRelayError):
     """A caller presented a credential that does not hold: a forged, altered or expired KV handle."""
 

@@ -5,7 +5,9 @@ resolve the tokenizer."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,8 @@ class ModelSource:
     path: Path  # the .gguf file, or the directory holding config.json + *.safetensors
     name: str | None = None  # the repository id it was resolved from: what the model is served as
     serve_quantization: str | None = None  # the repository's word on how to serve it (EngineConfig's auto)
+    pinned: str | None = None  # a repository model: its "id@version", what to load again later
+    weights_digest: str = ""  # a repository model: a digest of its files' SHA-256s ("" for a path)
 
     @property
     def model_id(self) -> str:
@@ -100,7 +104,9 @@ def _repository_source(repo: ModelRepository, entry: ModelEntry, name: str, veri
         raise ModelIntegrityError(
             f"model {entry.spec}'s weights {str(entry.weights_path)!r} are missing; remove it and add it again"
         )
-    return ModelSource(entry.metadata.format, entry.weights_path, name, entry.metadata.serve_quantization)
+    m = entry.metadata
+    digest = hashlib.blake2b(json.dumps(m.sha256, sort_keys=True).encode(), digest_size=8).hexdigest()
+    return ModelSource(m.format, entry.weights_path, name, m.serve_quantization, entry.spec, digest)
 
 
 def source_from_path(p: Path) -> ModelSource:

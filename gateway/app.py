@@ -206,11 +206,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         """The served model a request for `name` runs on: a route's variant (sticky per API key, else
         per `user`), or the model of that name."""
         key = Authorizer.key_of(request)
-        assignment = router.resolve(name, key.id if key is not None else user, request_id)
+        # Sticky per end user: a shared service key with `user` set spreads its users over the variants.
+        who = ":".join(part for part in (key.id if key is not None else None, user) if part) or None
+        assignment = router.resolve(name, who, request_id)
         if assignment is not None:
             request.state.assignment = assignment
             served = catalog.get(assignment.model)
             if served is None:
+                router.record(assignment, False)  # the variant fails its share: the judge must see it
                 raise APIError(
                     503,
                     f"route {name!r} sends this request to model {assignment.model!r}, which this gateway does not "

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from common.model.gguf_meta import context_length
-from common.model_source import ModelSource, resolve_model
+from common.model_source import DEFAULT_GGUF_NAME, ModelSource, resolve_model
+from common.repository.store import BUILTIN_ID
 from common.settings import GatewaySettings
 from common.tokenizer import Tokenizer
 from gateway.errors import APIError
@@ -20,6 +22,7 @@ from gateway.prepare import Preparer
 
 log = logging.getLogger(__name__)
 MAX_DEFAULT_CONTEXT = 8192
+_LEGACY_BUILTIN = Path(DEFAULT_GGUF_NAME).stem
 
 
 @dataclass(frozen=True)
@@ -51,13 +54,15 @@ class ModelCatalog:
             )
         if settings.served_model_name and settings.served_model_name != self.default.model_id:
             self.aliases[settings.served_model_name] = self.default.model_id
+        # The built-in model's name before the repository existed: clients that still send it are served.
+        self.legacy = {_LEGACY_BUILTIN: BUILTIN_ID} if BUILTIN_ID in self.models else {}
 
     @property
     def default(self) -> ServedModel:
         return next(iter(self.models.values()))
 
     def get(self, name: str) -> ServedModel | None:
-        return self.models.get(self.aliases.get(name, name))
+        return self.models.get(self.aliases.get(name) or self.legacy.get(name) or name)
 
     def names(self) -> list[str]:
         """What /v1/models lists: each model by its alias if it has one, else its id."""

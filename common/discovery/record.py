@@ -41,7 +41,14 @@ class WorkerRecord(BaseModel):
         return self.model_dump_json().encode()
 
     def _signed_bytes(self) -> bytes:
-        return self.model_copy(update={"signature": ""}).model_dump_json().encode()
+        # `models` is signed only when it says more than `model_id` does, so records of one model
+        # verify alike for readers from before the field existed and after (rolling upgrades).
+        one_model = self.models in ([], [self.model_id])
+        return (
+            self.model_copy(update={"signature": ""})
+            .model_dump_json(exclude={"models"} if one_model else None)
+            .encode()
+        )
 
     def signed(self, secret: bytes | None) -> WorkerRecord:
         if secret is None:

@@ -22,6 +22,7 @@ from typing import TypeVar
 from common.engine.llm_engine import LLMEngine
 from common.engine.outputs import KVExport, RequestOutput
 from common.engine.sampling import SamplingParams
+from common.errors import EngineStoppedError
 from common.kv.cache import KVCache
 from common.kv.events import KVEventLog
 from common.kv.layout import KVLayout
@@ -133,6 +134,8 @@ class AsyncEngine:
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run fn on the engine thread between steps and return its result (or raise its error)."""
+        if self._stop.is_set():
+            raise EngineStoppedError("the engine has stopped (its model was unloaded, or the worker is stopping)")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put((fn, fut))
         return await asyncio.wrap_future(fut)
@@ -141,6 +144,13 @@ class AsyncEngine:
         self._stop.set()
         self._wake()
         self._thread.join(timeout)
+        while True:  # nothing will run what is still queued: fail it rather than leave callers waiting
+            try:
+                _, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(EngineStoppedError("the engine stopped before running this call"))
 
     def _wake(self) -> None:
         self._commands.put((lambda: None, concurrent.futures.Future()))

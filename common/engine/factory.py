@@ -17,7 +17,11 @@ from common.model_source import ModelSource, open_gguf, resolve_model
 from common.tokenizer import Tokenizer
 
 
-def build_engine(config: EngineConfig, progress: bool = True, events: KVEventLog | None = None) -> LLMEngine:
+def build_engine(
+    config: EngineConfig, progress: bool = True, events: KVEventLog | None = None, model_id: str | None = None
+) -> LLMEngine:
+    """`model_id`: what to serve it as (default: the model source's id), for a pool that pinned a
+    repository model to its version."""
     if config.threads:
         torch.set_num_threads(config.threads)
     source = resolve_model(config.model, verify=True)  # a repository model's digests, before serving it
@@ -25,7 +29,7 @@ def build_engine(config: EngineConfig, progress: bool = True, events: KVEventLog
     quantization = resolve_quantization(config, source)
     model = load_model(source, getattr(torch, config.resolved_dtype()), config.device, progress, quantization)
     _release_load_memory()
-    return LLMEngine(model, config, source.model_id, tokenizer, events)
+    return LLMEngine(model, config, model_id or source.model_id, tokenizer, events, source.weights_digest)
 
 
 def resolve_quantization(config: EngineConfig, source: ModelSource) -> str:

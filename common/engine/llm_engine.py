@@ -32,6 +32,7 @@ class LLMEngine:
         model_id: str,
         tokenizer: Tokenizer | None = None,
         events: KVEventLog | None = None,
+        weights_digest: str = "",
     ) -> None:
         """`events`: the log to report cache changes to; a worker serving several models shares one,
         so gateways follow one stream per worker (the models' block hashes never collide: each
@@ -49,6 +50,7 @@ class LLMEngine:
             num_layers=cfg.num_layers,
             num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim,
+            weights=weights_digest,
         )
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_mb * 2**20 // self.layout.block_bytes)
         self.cache = KVCache(self.layout, num_blocks, config.device)

@@ -32,6 +32,9 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     order: str = BLOCK_MAJOR
+    # A digest of the weights (a repository model's files): two versions served under one id must not
+    # exchange KV, which would pass every other check and silently give wrong tokens. "": unknown.
+    weights: str = ""
 
     @property
     def block_elems(self) -> int:

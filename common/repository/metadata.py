@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from gguf import GGMLQuantizationType, LlamaFileType
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.errors import InvalidModelNameError, ModelLoadError
 from common.model_source import ModelSource
@@ -58,6 +58,15 @@ class ModelMetadata(BaseModel):
     # How workers serve it unless told otherwise (EngineConfig.quantization); None: their own default.
     # The same file under two ids can so be served two ways (an int8 canary of an fp16 model, say).
     serve_quantization: Literal["none", "fp16", "int8"] | None = None
+
+    @field_validator("sha256")
+    @classmethod
+    def _plain_names(cls, v: dict[str, str]) -> dict[str, str]:
+        """Files live in the version directory itself: a name with a path in it could reach outside."""
+        bad = [name for name in v if name in ("", ".", "..") or "/" in name or "\\" in name]
+        if bad:
+            raise ValueError(f"file names in sha256 must be plain names in the version directory, got {bad}")
+        return v
 
 
 @dataclass(frozen=True)

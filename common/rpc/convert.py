@@ -63,6 +63,7 @@ def layout_from_proto(msg: types_pb2.KVLayout) -> KVLayout:
         num_kv_heads=msg.num_kv_heads,
         head_dim=msg.head_dim,
         order=msg.order,
+        weights=msg.weights,
     )
 
 

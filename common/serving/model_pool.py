@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from common.config import EngineConfig
 from common.engine.async_engine import AsyncEngine
 from common.engine.factory import build_engine, resolve_quantization
-from common.errors import CacheFullError, UnknownRequestError
+from common.errors import CacheFullError, ModelLoadError
 from common.kv.events import KVEventLog
 from common.model.footprint import estimate_bytes, weight_bytes
 from common.model_source import resolve_model
@@ -35,8 +35,9 @@ _EVICT_POLL_S = 0.05
 MB = 2**20
 
 
-class ModelNotServedError(UnknownRequestError):
-    """The request names a model this worker does not serve (or no longer holds, for KV)."""
+class ModelNotServedError(ModelLoadError):
+    """The request names a model this worker does not serve (or no longer holds, for KV): the worker
+    is the wrong one for it (FAILED_PRECONDITION), not missing a request (NOT_FOUND)."""
 
 
 class ModelBusyError(CacheFullError):
@@ -50,6 +51,7 @@ class HostedModel:
     services: object  # what the worker's role built around this engine (its servicers)
     footprint_bytes: int
     active: int = 0  # calls inside it now
+    evicting: bool = False  # chosen to make room: takes no new calls that would need it loaded
     last_used: float = field(default_factory=time.monotonic)
 
     async def in_use(self) -> bool:
@@ -90,12 +92,17 @@ class ModelPool:
         self.progress = progress
         self.known: dict[str, _Known] = {}
         for spec in specs:
-            model_id = resolve_model(spec).model_id
-            if model_id in self.known:
-                raise ValueError(f"model {model_id!r} is listed twice ({self.known[model_id].spec!r}, {spec!r})")
-            self.known[model_id] = _Known(spec)
+            source = resolve_model(spec)
+            if source.model_id in self.known:
+                raise ValueError(
+                    f"model {source.model_id!r} is listed twice ({self.known[source.model_id].spec!r}, {spec!r})"
+                )
+            # Pinned to the version found now: a version added later must not be loaded under this id.
+            self.known[source.model_id] = _Known(source.pinned or spec)
         self.loaded: dict[str, HostedModel] = {}
         self._load_lock = asyncio.Lock()
+        self._loading: dict[str, asyncio.Task] = {}
+        self._waiters: dict[str, list[asyncio.Future[HostedModel]]] = {}
 
     @property
     def default(self) -> str:
@@ -181,39 +188,91 @@ class ModelPool:
         if model_id not in self.known:
             raise ModelNotServedError(f"this worker does not serve model {model_id!r}; it serves {list(self.known)}")
         hosted = self.loaded.get(model_id)
-        if hosted is None:
-            if not load:
-                raise ModelNotServedError(f"model {model_id!r} is not loaded here (its KV went with it)")
-            async with self._load_lock:  # one load at a time; calls to loaded models go on meanwhile
-                hosted = self.loaded.get(model_id) or await self._load(model_id)
-        hosted.active += 1
-        hosted.last_used = time.monotonic()
-        return hosted
+        # A model being evicted takes no new calls that would need it loaded (they queue for their
+        # turn), but its KV calls go in: pulls of what it pinned are what it is waiting for.
+        if hosted is not None and (not hosted.evicting or not load):
+            hosted.active += 1
+            hosted.last_used = time.monotonic()
+            return hosted
+        if not load:
+            raise ModelNotServedError(f"model {model_id!r} is not loaded here (its KV went with it)")
+        # Wait for the model to be handed over: the load enters every waiter into the model before it
+        # lets another load run, so no other load can evict it between the two (which would livelock).
+        ticket: asyncio.Future[HostedModel] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(model_id, []).append(ticket)
+        if model_id not in self._loading:  # the pool owns the load: a caller that gives up does not stop it
+            task = asyncio.get_running_loop().create_task(self._load(model_id))
+            self._loading[model_id] = task
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its waiters got the error
+        try:
+            return await ticket
+        except asyncio.CancelledError:
+            if ticket.done() and not ticket.cancelled():
+                ticket.result().active -= 1  # handed over as the caller left: give the place back
+            elif ticket in self._waiters.get(model_id, []):
+                self._waiters[model_id].remove(ticket)
+            raise
 
-    async def _load(self, model_id: str) -> HostedModel:
-        known = self.known[model_id]
-        config = self.config.model_copy(update={"model": known.spec})
-        if self.budget_bytes:
-            await self._make_room(model_id, await self._estimate(model_id))
-        started = time.monotonic()
-        engine = await asyncio.to_thread(build_engine, config, self.progress, self.events)
-        runner = AsyncEngine(engine)
-        footprint = weight_bytes(engine.runner.model) + engine.cache.tensor.nbytes
-        hosted = HostedModel(model_id, runner, self.make_services(runner), footprint)
-        known.footprint_bytes, known.layout, known.max_model_len = footprint, engine.layout, engine.max_model_len
-        known.loads += 1
-        self.loaded[model_id] = hosted
+    def _hand_over(self, model_id: str, hosted: HostedModel | None, error: BaseException | None = None) -> None:
+        for ticket in self._waiters.pop(model_id, []):
+            if ticket.done():
+                continue
+            if hosted is None:
+                ticket.set_exception(error or ModelBusyError(f"model {model_id!r} could not be loaded"))
+            else:
+                hosted.active += 1
+                hosted.last_used = time.monotonic()
+                ticket.set_result(hosted)
+
+    async def _load(self, model_id: str) -> None:
+        try:
+            await self._load_and_hand_over(model_id)
+        finally:
+            self._loading.pop(model_id, None)  # at once, with no await after the hand-over
+
+    async def _load_and_hand_over(self, model_id: str) -> None:
+        try:
+            async with self._load_lock:  # one load at a time; calls to loaded models go on meanwhile
+                hosted = self.loaded.get(model_id)
+                if hosted is not None:  # marked for eviction and wanted again: it stays
+                    hosted.evicting = False
+                    self._hand_over(model_id, hosted)
+                    return
+                started = time.monotonic()
+                hosted = await self._build(model_id)
+                self._hand_over(model_id, hosted)
+        except BaseException as e:
+            self._hand_over(model_id, None, e)
+            raise
         MODEL_LOAD_SECONDS.labels(model_id).observe(time.monotonic() - started)
         log.info(
             "loaded model %s in %.1fs (%.0f MB; %.0f MB of %s in use)",
             model_id,
             time.monotonic() - started,
-            footprint / MB,
+            hosted.footprint_bytes / MB,
             self.used_bytes() / MB,
             f"{self.budget_bytes / MB:.0f} MB" if self.budget_bytes else "no budget",
         )
         if self.budget_bytes and self.used_bytes() > self.budget_bytes:
             log.warning("model %s is larger than estimated: the pool is over its budget", model_id)
+
+    async def _build(self, model_id: str) -> HostedModel:
+        """Make room, then build the model's engine and services (under the load lock)."""
+        known = self.known[model_id]
+        config = self.config.model_copy(update={"model": known.spec})
+        if self.budget_bytes:
+            await self._make_room(model_id, await self._estimate(model_id))
+        engine = await asyncio.to_thread(build_engine, config, self.progress, self.events, model_id)
+        runner = AsyncEngine(engine)
+        try:
+            footprint = weight_bytes(engine.runner.model) + engine.cache.tensor.nbytes
+            hosted = HostedModel(model_id, runner, self.make_services(runner), footprint)
+        except BaseException:
+            runner.shutdown()
+            raise
+        known.footprint_bytes, known.layout, known.max_model_len = footprint, engine.layout, engine.max_model_len
+        known.loads += 1
+        self.loaded[model_id] = hosted
         return hosted
 
     async def _estimate(self, model_id: str) -> int:
@@ -236,19 +295,27 @@ class ModelPool:
                 f"{self.budget_bytes / MB:.0f} MB"
             )
         deadline = time.monotonic() + self.load_timeout_s
-        while self.loaded and self.used_bytes() + need > self.budget_bytes:
-            idle = [h for h in list(self.loaded.values()) if not await h.in_use()]
-            if idle:
-                victim = min(idle, key=lambda h: h.last_used)
-                if victim.active == 0:  # checked again: a call may have come in while we looked
-                    await self._unload(victim.model_id, evicted=True)
-                continue
-            if time.monotonic() > deadline:
-                raise ModelBusyError(
-                    f"cannot load model {model_id!r}: the memory budget ({self.budget_bytes / MB:.0f} MB) is held "
-                    f"by models in use ({', '.join(self.loaded)}) for {self.load_timeout_s:.0f}s"
-                )
-            await asyncio.sleep(_EVICT_POLL_S)
+        try:
+            while self.loaded and self.used_bytes() + need > self.budget_bytes:
+                by_age = sorted(self.loaded.values(), key=lambda h: h.last_used)
+                idle = [h for h in by_age if not await h.in_use()]
+                if idle:
+                    victim = idle[0]
+                    if victim.active == 0:  # checked again: a call may have come in while we looked
+                        await self._unload(victim.model_id, evicted=True)
+                    continue
+                # Every model is busy: the least recently used one takes no new calls from now on, so
+                # steady traffic to it cannot keep this load waiting forever.
+                by_age[0].evicting = True
+                if time.monotonic() > deadline:
+                    raise ModelBusyError(
+                        f"cannot load model {model_id!r}: the memory budget ({self.budget_bytes / MB:.0f} MB) is "
+                        f"held by models in use ({', '.join(self.loaded)}) for {self.load_timeout_s:.0f}s"
+                    )
+                await asyncio.sleep(_EVICT_POLL_S)
+        finally:
+            for h in self.loaded.values():  # those still here serve on
+                h.evicting = False
 
     async def _unload(self, model_id: str, evicted: bool) -> None:
         hosted = self.loaded.pop(model_id)

@@ -33,16 +33,19 @@ class RegistryPresence:
         await check_redis(client, settings.registry)
         keys = RegistryKeys(settings.registry_prefix)
         incarnation = uuid.uuid4().hex[:12]
-        first = pool.engines()[pool.default]  # preloaded
+        # The record describes the first model (its layout once it has been loaded: none may be yet,
+        # with a preload list that leaves it out); Stats say the rest, per model, as it changes.
+        first = pool.known[pool.default]
+        engine = pool.engines().get(pool.default)
         record = WorkerRecord(
             worker_id=identity.worker_id,
             role=identity.role,
             address=identity.address,
-            model_id=first.layout.model_id,
+            model_id=pool.default,
             models=list(pool.known),
-            layout=first.layout.to_dict(),
-            total_blocks=first.cache.num_blocks,
-            max_model_len=pool.known[pool.default].max_model_len,
+            layout=first.layout.to_dict() if first.layout is not None else {},
+            total_blocks=engine.cache.num_blocks if engine is not None else 0,
+            max_model_len=first.max_model_len,
             transfer_backends=list(identity.transfer_backends),
             incarnation=incarnation,
             started_at=time.time(),

@@ -4,11 +4,13 @@ stream (one per worker: every model's engine reports to the pool's log)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
 
+from common.errors import EngineStoppedError
 from common.rpc import worker_pb2, worker_pb2_grpc
 from common.rpc.convert import layout_to_proto
 from common.serving.model_pool import ModelPool
@@ -74,7 +76,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             after = log.last_seq
             hashes: list[int] = []
             for engine in self.pool.engines().values():
-                hashes += await engine.call(engine.cached_block_hashes)
+                with contextlib.suppress(EngineStoppedError):  # unloaded meanwhile: its blocks were removed
+                    hashes += await engine.call(engine.cached_block_hashes)
             yield worker_pb2.KVEventBatch(snapshot=True, snapshot_hashes=hashes, last_seq=after)
         while not context.cancelled() and not self.closing.is_set():
             events = log.since(after)

@@ -50,7 +50,9 @@ class Judge:
             return Verdict.none("judge disabled")
         if spec.rolled_back is not None:
             return Verdict.none(f"rolled back {spec.rolled_back.variant}; waiting for an operator")
-        stats = {v.name: _stats(windows, v.name, now) for v in spec.variants}
+        # Only what happened since the route last changed: an operator who re-enables a fixed canary
+        # must not see it judged on the errors that rolled it back.
+        stats = {v.name: _stats(windows, v.name, now, spec.changed_at or None) for v in spec.variants}
         live = [v for v in spec.variants if v.name != spec.baseline and v.weight > 0]
         for canary in live:
             verdict = self._check(spec, canary.name, stats[canary.name], stats[spec.baseline], now)

@@ -12,7 +12,7 @@ from gateway.scheduling.types import Candidate
 @dataclass(frozen=True)
 class PDDecision:
     disaggregate: bool
-    reason: str  # "pd" | "short-uncached" | "prefill-saturated" | "no-prefill-worker"
+    reason: str  # "pd" | "short-uncached" | "prefill-saturated" | "no-prefill-worker" | "decode-model-cold"
 
 
 @dataclass(frozen=True)

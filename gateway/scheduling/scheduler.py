@@ -48,9 +48,15 @@ class Schedule:
     decode_scored: list[ScoredCandidate]
 
 
+# Filters no profile can leave out: without them a request could reach a worker that does not serve
+# its model, or one outside its workload class's pool.
+_REQUIRED_FILTERS = ("model", "pool")
+
+
 class _Profile:
     def __init__(self, spec: ProfileSpec, index: PrefixIndex, rng: random.Random) -> None:
-        self.filters = [FILTERS[f]() for f in spec.filters]
+        names = [f for f in _REQUIRED_FILTERS if f not in spec.filters] + list(spec.filters)
+        self.filters = [FILTERS[f]() for f in names]
         self.scorers = [(make_scorer(s.type, index), s.weight) for s in spec.scorers]
         self.picker = PICKERS[spec.picker.type](spec.picker.temperature, rng)
 
@@ -107,6 +113,10 @@ class Scheduler:
         extra = [] if decision.disaggregate else [(self._affinity, 1.0)]
         d_scored = self.decode.score(decode_ok, req, extra=extra)
         d_best = self.decode.pick(d_scored)
+        if decision.disaggregate and not d_best.candidate.model_loaded:
+            # The decode worker would load the model before it could pull: longer than a prefill
+            # lease. It prefills locally instead (its load has no lease to outlast).
+            decision = PDDecision(False, "decode-model-cold")
         if not decision.disaggregate:
             predicted = min(
                 self.index.match(d_best.candidate.worker_id, req.block_hashes) * req.block_size,

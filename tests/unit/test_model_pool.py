@@ -160,3 +160,84 @@ def test_a_model_larger_than_the_budget_is_refused(models):
 def test_the_same_model_twice_is_a_configuration_error(models):
     with pytest.raises(ValueError, match="listed twice"):
         ModelPool([models[0], str(Path(models[0]))])
+
+
+def test_concurrent_calls_share_one_load_and_a_cancelled_caller_does_not_stop_it(models):
+    pool = _pool(models[:2], 1.5)
+
+    async def run() -> None:
+        await pool.preload()
+        first = asyncio.create_task(_generate(pool, "tiny-b", [1, 2, 3], "r1"))
+        await asyncio.sleep(0)  # the load has begun for `first`...
+        first.cancel()  # ...whose client gives up
+        results = await asyncio.gather(*(_generate(pool, "tiny-b", [1, 2, 3], f"r{i}") for i in range(2, 5)))
+        assert all(len(r) == 4 for r in results)
+        stats = {m["model_id"]: m for m in await pool.model_stats()}
+        assert stats["tiny-b"]["loads"] == 1  # one load served all of them
+        await _assert_no_leaks(pool)
+        await pool.shutdown()
+
+    asyncio.run(run())
+
+
+def test_steady_traffic_to_one_model_does_not_starve_the_load_of_another(models):
+    pool = _pool(models[:2], 1.5, timeout=20)
+
+    async def run() -> None:
+        await pool.preload()
+        stop = asyncio.Event()
+
+        async def steady(tag: int) -> int:  # back-to-back calls to a, always one in flight
+            n = 0
+            while not stop.is_set():
+                await _generate(pool, "tiny-a", [1, 2, 3], f"a{tag}-{n}")
+                n += 1
+            return n
+
+        traffic = [asyncio.create_task(steady(t)) for t in range(2)]
+        await asyncio.sleep(0.2)
+        assert len(await _generate(pool, "tiny-b", [4, 5, 6], "b")) == 4  # a stops taking calls, is evicted
+        stop.set()
+        assert all(n > 0 for n in await asyncio.gather(*traffic))  # a's callers were served, after b
+        await _assert_no_leaks(pool)
+        await pool.shutdown()
+
+    asyncio.run(run())
+
+
+def test_calls_to_an_unloaded_engine_fail_instead_of_waiting_forever(models):
+    from common.errors import EngineStoppedError
+
+    pool = _pool(models[:1], None)
+
+    async def run() -> None:
+        await pool.preload()
+        engine = pool.engines()["tiny-a"]
+        await pool.shutdown()
+        with pytest.raises(EngineStoppedError):
+            await engine.call(engine.cached_block_hashes)
+
+    asyncio.run(run())
+
+
+def test_a_repository_model_is_pinned_to_the_version_found_at_start(models, tmp_path, monkeypatch):
+    from common.repository.store import ModelRepository
+
+    monkeypatch.setenv("KVRELAY_MODEL_REPO", str(tmp_path / "repo"))
+    repo = ModelRepository()
+    repo.add(models[0], "tiny", version="1", progress=False)
+    pool = ModelPool(["tiny"], EngineConfig(kv_cache_mb=KV_MB, threads=1))
+    repo.add(models[1], "tiny", version="2", progress=False)  # added while the worker runs
+
+    async def run() -> None:
+        await pool.preload()
+        v1 = pool.engines()["tiny"].layout
+        assert pool.known["tiny"].spec == "tiny@1" and v1.weights
+        await pool.shutdown()
+        fresh = ModelPool(["tiny"], EngineConfig(kv_cache_mb=KV_MB, threads=1))
+        await fresh.preload()
+        v2 = fresh.engines()["tiny"].layout
+        assert v2.model_id == v1.model_id and v2.weights != v1.weights  # never exchange KV across versions
+        await fresh.shutdown()
+
+    asyncio.run(run())

@@ -4,6 +4,7 @@ events over Redis Streams (including a gap that forces a resync from the worker'
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import grpc
@@ -204,3 +205,27 @@ def test_kv_events_through_redis_follow_the_cache_and_resync_after_a_gap(redis_u
     finally:
         runner.shutdown()
     assert_no_leaks(engine)
+
+
+def test_records_of_one_model_verify_for_readers_before_and_after_the_models_field():
+    secret = b"s" * 32
+    old = WorkerRecord(
+        worker_id="w1",
+        role="decode",
+        address="127.0.0.1:1",
+        model_id="m",
+        layout={},
+        total_blocks=1,
+        max_model_len=16,
+        transfer_backends=["grpc"],
+        incarnation="i",
+        started_at=1.0,
+    ).signed(secret)
+    as_old_writer_signed = json.loads(old.encode())
+    as_old_writer_signed.pop("models")  # what a worker from before the field wrote
+    assert WorkerRecord.decode(json.dumps(as_old_writer_signed)).verified(secret)
+    one = old.model_copy(update={"models": ["m"]}).signed(secret)
+    assert one.signature == old.signature  # one model: signed as before
+    two = old.model_copy(update={"models": ["m", "n"]}).signed(secret)
+    assert two.signature != old.signature and two.verified(secret)
+    assert not two.model_copy(update={"models": ["m", "x"]}).verified(secret)

@@ -473,3 +473,14 @@ def test_cli_set_show_and_rm_with_a_routes_file(tmp_path):
 def test_cli_needs_a_store():
     r = CliRunner().invoke(route_app, ["show"], env={"KVRELAY_REGISTRY": "", "KVRELAY_ROUTES_FILE": ""})
     assert r.exit_code == 2 and "--registry" in r.output
+
+
+def test_a_canary_set_again_is_judged_only_on_what_happened_since():
+    spec = route(10).model_copy(update={"changed_at": 995.0})  # the operator re-enabled it at 995
+    w = windows_for(spec)
+    feed(w["stable"], 990, 200)
+    feed(w["canary"], 990, 30, errors=30)  # its failures before the fix, still inside the window
+    assert Judge().evaluate(spec, w, now=1_000).action == "none"
+    feed(w["canary"], 998, 30, errors=10)  # and after it: judged on these alone
+    v = Judge().evaluate(spec, w, now=1_000)
+    assert v.action == "rollback" and "over 30 requests" in v.reason

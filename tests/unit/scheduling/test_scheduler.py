@@ -89,3 +89,26 @@ def test_round_robin_and_least_loaded_policies():
         Candidate("p1", "b", "prefill", waiting=0, total_blocks=10, free_blocks=9),
     ]
     assert s.schedule(REQ, cands, pool("decode", 1)).prefill.candidate.worker_id == "p1"
+
+
+def test_model_and_pool_filters_hold_even_when_a_profile_leaves_them_out():
+    config = parse_config(
+        {
+            "profiles": {
+                "prefill": {"filters": ["health"], "scorers": [{"type": "queue-depth"}]},
+                "decode": {"filters": ["health"], "scorers": [{"type": "running"}]},
+            }
+        }
+    )
+    sched = Scheduler(config, PrefixIndex(), random.Random(0))
+    decode = [Candidate("d0", "a", "decode", serves_model=False), Candidate("d1", "b", "decode", in_pool=False)]
+    with pytest.raises(NoCandidateError, match="d0: does not serve the model; d1: not in the workload"):
+        sched.schedule(REQ, [], decode)
+
+
+def test_a_decode_worker_that_would_load_the_model_prefills_itself():
+    sched, _ = make()
+    s = sched.schedule(REQ, pool("prefill", 2), pool("decode", 1, model_loaded=False))
+    assert s.prefill is None and s.decision.reason == "decode-model-cold"
+    s = sched.schedule(REQ, pool("prefill", 2), pool("decode", 1))
+    assert s.prefill is not None and s.decision.disaggregate

@@ -43,6 +43,10 @@ def up(
     ),
     log_dir: str = typer.Option(None, help="write each process's log here"),
     registry: str = typer.Option(None, help="redis:// URL: workers register there and the gateway discovers them"),
+    models: str = typer.Option(None, help="serve several models: comma-separated repository ids or paths"),
+    memory_budget_mb: int = typer.Option(
+        None, "--memory-budget-mb", help="with --models: most memory each worker's models may take together"
+    ),
 ) -> None:
     """Start a gateway and its workers as separate processes on this machine."""
     from kvrelay.launcher import up as run_up
@@ -51,7 +55,8 @@ def up(
         raise typer.BadParameter("at least one decode worker is needed", param_hint="--decode")
     if transfer not in ("grpc", "nixl"):
         raise typer.BadParameter("use grpc or nixl", param_hint="--transfer")
-    raise typer.Exit(run_up(port, prefill, decode, transfer, model, host, base_port, log_dir, registry))
+    code = run_up(port, prefill, decode, transfer, model, host, base_port, log_dir, registry, models, memory_budget_mb)
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -213,6 +213,8 @@ def up(
     base_port: int | None,
     log_dir: str | None,
     registry: str | None = None,
+    models: str | None = None,
+    memory_budget_mb: int | None = None,
 ) -> int:
     plan = divide_cores(os.cpu_count() or 1, prefill, decode)
     print(f"kvrelay up: {plan.note}", flush=True)
@@ -230,19 +232,22 @@ def up(
     signal.signal(signal.SIGINT, on_signal)
     # With a registry, workers announce themselves and the gateway finds them there.
     reg = ["--registry", registry] if registry else []
+    # Several models: every worker serves them all (within its budget), the gateway knows each.
+    many = ["--models", models] if models else []
+    budget = ["--memory-budget-mb", str(memory_budget_mb)] if memory_budget_mb else []
     try:
-        p_extra = ["--transfer", transfer, *reg]  # a NIXL agent only when NIXL is the backend
+        p_extra = ["--transfer", transfer, *reg, *many, *budget]  # a NIXL agent only when NIXL is the backend
         p_addrs = [cluster.worker("prefill", p, plan.prefill_threads, model, p_extra) for p in ports.prefill]
         # Decode workers pull KV only from the prefill workers they were told of (or registered ones).
-        d_extra = ["--transfer", transfer, *reg, *(f"--prefill-peer={a}" for a in p_addrs)]
+        d_extra = ["--transfer", transfer, *reg, *many, *budget, *(f"--prefill-peer={a}" for a in p_addrs)]
         d_addrs = [cluster.worker("decode", p, plan.decode_threads, model, d_extra) for p in ports.decode]
         for role, role_ports in (("prefill", ports.prefill), ("decode", ports.decode)):
             for p in role_ports:
                 print(f"kvrelay up: {role} worker at {host}:{p} (metrics {host}:{p + METRICS_OFFSET})", flush=True)
         if registry:
-            url = cluster.gateway(ports.gateway, [], [], model, reg)
+            url = cluster.gateway(ports.gateway, [], [], model, [*reg, *many])
         else:
-            url = cluster.gateway(ports.gateway, p_addrs, d_addrs, model)
+            url = cluster.gateway(ports.gateway, p_addrs, d_addrs, model, many)
         want = "disaggregated" if prefill else "colocated"
         deadline = time.monotonic() + 300
         while not stop:

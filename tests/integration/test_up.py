@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from kvrelay.launcher import METRICS_OFFSET, divide_cores, plan_ports
+from tests.tiny_checkpoint import write_tiny_checkpoint
 
 
 def children_of(pid: int) -> list[int]:
@@ -68,6 +69,9 @@ def test_port_zero_picks_free_distinct_ports_with_their_metrics_ports():
 @pytest.mark.parametrize("with_registry", [False, True], ids=["static", "redis"])
 def test_up_serves_and_stops_cleanly(tiny_dir, tmp_path, request, with_registry):
     registry = ["--registry", request.getfixturevalue("redis_url")] if with_registry else []
+    # With the registry, two models on every worker (a second tiny one beside the first).
+    second = str(write_tiny_checkpoint(tmp_path / "tiny-second", seed=1)) if with_registry else None
+    models = ["--models", f"{tiny_dir},{second}", "--memory-budget-mb", "1024"] if second else []
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -83,6 +87,7 @@ def test_up_serves_and_stops_cleanly(tiny_dir, tmp_path, request, with_registry)
             "--log-dir",
             str(tmp_path),
             *registry,
+            *models,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -110,6 +115,11 @@ def test_up_serves_and_stops_cleanly(tiny_dir, tmp_path, request, with_registry)
             json={"model": Path(tiny_dir).name, "prompt": "hello", "max_tokens": 4},
         )
         assert r.status_code == 200, r.text
+        if second:
+            listed = [m["id"] for m in httpx.get(f"{ready.group(1)}/v1/models", timeout=10).json()["data"]]
+            assert listed == [Path(tiny_dir).name, "tiny-second"]
+            body = {"model": "tiny-second", "prompt": "hello", "max_tokens": 4}
+            assert httpx.post(f"{ready.group(1)}/v1/completions", timeout=30, json=body).status_code == 200
         for role, metrics in workers.items():  # each worker serves its metrics where `up` said
             text = httpx.get(f"http://{metrics}/metrics", timeout=5).text
             assert f'role="{role}"' in text, text[:500]

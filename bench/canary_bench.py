@@ -86,6 +86,7 @@ def run_canary_bench(canary_weight: int, clients: int, healthy_s: float, after_s
                 free_port(), [], [stable, canary], None, ["--models", models, "--config", str(config)]
             )
             cluster.wait_ready(url, timeout=300, want_mode="colocated")
+            _wait_healthy(url, 2)  # ready needs one decode worker; traffic must find both
             canary_proc = cluster.procs[1][1]
             result = asyncio.run(_drive(url, spec, store, canary_proc.pid, clients, healthy_s, after_s, timeout_s))
         finally:
@@ -136,3 +137,11 @@ async def _drive(
         "failed_requests": len(failed),
         "failed_not_canary": sum(s.variant != "canary" for s in failed),
     }
+
+
+def _wait_healthy(url: str, n: int, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(httpx.get(f"{url}/ready", timeout=10).json()["workers"]["decode"]["healthy"]) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {n} decode workers healthy after {timeout:.0f}s")
+        time.sleep(0.5)

@@ -169,7 +169,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         prep = await asyncio.to_thread(served.preparer.chat, body)
         given = body.max_tokens is not None or body.max_completion_tokens is not None
         response = await generate(request, Shape("chat"), request_id, prep, body.priority, given)
-        _shadow(request, body, response)
+        _shadow(request, body, prep, response)
         return response
 
     @app.post("/v1/completions")
@@ -181,7 +181,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         served = _target(request, body.model, body.user, request_id)
         prep = await asyncio.to_thread(served.preparer.completion, body)
         response = await generate(request, Shape("text"), request_id, prep, body.priority, body.max_tokens is not None)
-        _shadow(request, body, response)
+        _shadow(request, body, prep, response)
         return response
 
     @app.get("/v1/models")
@@ -237,11 +237,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         elif record.outcome in SERVER_SIDE:
             router.record(assignment, False, record.ttft_s, record.tpot_s)
 
-    def _shadow(request: Request, body: ChatCompletionRequest | CompletionRequest, response: Response) -> None:
-        """Mirror an admitted request (never one turned away: that would add load where there is too much)."""
+    def _shadow(
+        request: Request, body: ChatCompletionRequest | CompletionRequest, prep: Prepared, response: Response
+    ) -> None:
+        """Mirror an admitted request (never one turned away: that would add load where there is too
+        much), held to what the original was: its tenant's cache salt, its class's output cap and pool."""
         assignment = getattr(request.state, "assignment", None)
         if assignment is not None and assignment.shadow_model is not None and response.status_code == 200:
-            shadows.mirror(assignment, body, authorizer.cache_salt(request, body.cache_salt or ""))
+            shadows.mirror(assignment, body, prep.params.cache_salt, prep.params.max_tokens, prep.pool)
 
     ops = FastAPI(title="kvrelay gateway (internal)") if settings.internal_port is not None else app
     add_ops_routes(ops, registry, lifecycle)

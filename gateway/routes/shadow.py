@@ -28,16 +28,28 @@ class ShadowTraffic:
         self.max_inflight = max_inflight
         self._tasks: set[asyncio.Task] = set()
 
-    def mirror(self, assignment: Assignment, body: ChatCompletionRequest | CompletionRequest, cache_salt: str) -> None:
+    def mirror(
+        self,
+        assignment: Assignment,
+        body: ChatCompletionRequest | CompletionRequest,
+        cache_salt: str,
+        max_tokens: int,
+        pool: str = "",
+    ) -> None:
         if len(self._tasks) >= self.max_inflight:
             SHADOW_REQUESTS.labels(assignment.route, "dropped").inc()
             return
-        task = asyncio.get_running_loop().create_task(self._run(assignment, body, cache_salt))
+        task = asyncio.get_running_loop().create_task(self._run(assignment, body, cache_salt, max_tokens, pool))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _run(
-        self, assignment: Assignment, body: ChatCompletionRequest | CompletionRequest, cache_salt: str
+        self,
+        assignment: Assignment,
+        body: ChatCompletionRequest | CompletionRequest,
+        cache_salt: str,
+        max_tokens: int,
+        pool: str,
     ) -> None:
         assert assignment.shadow_model is not None
         served = self.catalog.get(assignment.shadow_model)
@@ -47,9 +59,10 @@ class ShadowTraffic:
                 raise LookupError(f"shadow model {assignment.shadow_model!r} is not served by this gateway")
             prepare = served.preparer.chat if isinstance(body, ChatCompletionRequest) else served.preparer.completion
             prep = await asyncio.to_thread(prepare, body)
-            params = dataclasses.replace(prep.params, cache_salt=cache_salt)
+            cap = min(prep.params.max_tokens, max_tokens)  # never longer than the answer the client got
+            params = dataclasses.replace(prep.params, cache_salt=cache_salt, max_tokens=cap)
             deltas = self.supervisor.serve(
-                f"shadow-{uuid.uuid4().hex}", prep.prompt_ids, params, Outcome(), Placement(served.model_id)
+                f"shadow-{uuid.uuid4().hex}", prep.prompt_ids, params, Outcome(), Placement(served.model_id, pool)
             )
             async for _ in deltas:
                 pass

@@ -25,32 +25,36 @@ def _ask(url: str, user: str) -> httpx.Response:
     return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
 
 
-def test_a_failing_canary_is_rolled_back_automatically(tmp_path, two_models):  # noqa: F811
+def _start(tmp_path, model_dirs: list[str], spec: RouteSpec) -> tuple[Cluster, MemoryRouteStore, str, list[str]]:
+    """Two decode workers (tiny-a, tiny-b) behind a gateway whose routes file holds `spec`."""
     routes = tmp_path / "routes.json"
     store = MemoryRouteStore(path=routes)
-    store.set(
-        RouteSpec(
-            name="chat",
-            variants=[
-                Variant(name="stable", model="tiny-a", weight=70),
-                Variant(name="canary", model="tiny-b", weight=30),
-            ],
-            # Latency rules off: a tiny model's TPOT is a few ms, within this machine's noise. Errors decide.
-            judge=JudgeSpec(min_requests=5, max_ttft_p95_ratio=1000, max_tpot_p95_ratio=1000),
-        )
-    )
+    store.set(spec)
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump({"routes_file": str(routes), "routes_interval_s": 0.2}))
-    cluster = Cluster(log_dir=str(tmp_path))
+    cluster = Cluster(log_dir=str(tmp_path), env={"KVRELAY_ROUTING_HEADERS": "true"})
     try:
         ports = free_worker_ports(2)
-        stable = cluster.worker("decode", ports[0], 1, two_models[0])
-        canary = cluster.worker("decode", ports[1], 1, two_models[1])
-        url = cluster.gateway(
-            free_port(), [], [stable, canary], None, ["--models", ",".join(two_models), "--config", str(config)]
-        )
+        workers = [cluster.worker("decode", port, 1, m) for port, m in zip(ports, model_dirs, strict=True)]
+        extra = ["--models", ",".join(model_dirs), "--config", str(config)]
+        url = cluster.gateway(free_port(), [], workers, None, extra)
         cluster.wait_ready(url, want_mode="colocated")
         wait_for(lambda: not httpx.get(f"{url}/ready").json()["workers"]["decode"]["down"], 60, "both workers up")
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster, store, url, workers
+
+
+def test_a_failing_canary_is_rolled_back_automatically(tmp_path, two_models):  # noqa: F811
+    spec = RouteSpec(
+        name="chat",
+        variants=[Variant(name="stable", model="tiny-a", weight=70), Variant(name="canary", model="tiny-b", weight=30)],
+        # Latency rules off: a tiny model's TPOT is a few ms, within this machine's noise. Errors decide.
+        judge=JudgeSpec(min_requests=5, max_ttft_p95_ratio=1000, max_tpot_p95_ratio=1000),
+    )
+    cluster, store, url, (stable, _) = _start(tmp_path, two_models, spec)
+    try:
         assert "chat" in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
 
         healthy = [_ask(url, f"user-{i}") for i in range(30)]
@@ -73,12 +77,15 @@ def test_a_failing_canary_is_rolled_back_automatically(tmp_path, two_models):  #
         record = store.get("chat").rolled_back
         assert record.variant == "canary" and "error rate" in record.reason
         assert 0 < failed < sent  # only the canary's share failed: the stable's requests went on
-        time.sleep(0.5)  # every gateway tick after the write serves the rolled-back route
+        wait_for(  # the gateway that wrote the rollback serves it from then on
+            lambda: metric(url, "kvrelay_gateway_route_weight", route="chat", variant="canary") == 0,
+            10,
+            "the gateway to serve the rolled-back route",
+        )
         after = [_ask(url, f"user-{i}") for i in range(30)]  # the same users as before, canary ones included
         assert all(r.status_code == 200 for r in after)
         assert metric(url, "kvrelay_gateway_route_rollbacks_total", route="chat", variant="canary") == 1
-        assert metric(url, "kvrelay_gateway_route_weight", route="chat", variant="canary") == 0
-        shown = json.loads(routes.read_text())
+        shown = json.loads((tmp_path / "routes.json").read_text())
         assert "rolled_back" in json.dumps(shown)
         assert "rolled back variant canary" in next(tmp_path.glob("gateway-*.log")).read_text()
         check_no_kv_held([stable])
@@ -87,30 +94,17 @@ def test_a_failing_canary_is_rolled_back_automatically(tmp_path, two_models):  #
 
 
 def test_shadow_copies_run_on_the_shadow_model_and_are_never_returned(tmp_path, two_models):  # noqa: F811
-    routes = tmp_path / "routes.json"
-    MemoryRouteStore(path=routes).set(
-        RouteSpec(
-            name="chat",
-            variants=[Variant(name="stable", model="tiny-a", weight=100)],
-            shadow=Shadow(model="tiny-b", percent=100),
-        )
+    spec = RouteSpec(
+        name="chat",
+        variants=[Variant(name="stable", model="tiny-a", weight=100)],
+        shadow=Shadow(model="tiny-b", percent=100),
     )
-    config = tmp_path / "gateway.yaml"
-    config.write_text(yaml.safe_dump({"routes_file": str(routes), "routes_interval_s": 0.2}))
-    cluster = Cluster(log_dir=str(tmp_path), env={"KVRELAY_ROUTING_HEADERS": "true"})
+    cluster, _, url, (stable, shadow) = _start(tmp_path, two_models, spec)
     try:
-        ports = free_worker_ports(2)
-        stable = cluster.worker("decode", ports[0], 1, two_models[0])
-        shadow = cluster.worker("decode", ports[1], 1, two_models[1])
-        url = cluster.gateway(
-            free_port(), [], [stable, shadow], None, ["--models", ",".join(two_models), "--config", str(config)]
-        )
-        cluster.wait_ready(url, want_mode="colocated")
-        wait_for(lambda: not httpx.get(f"{url}/ready").json()["workers"]["decode"]["down"], 60, "both workers up")
         want = reference(two_models[0], 4)
         for i in range(5):
             r = _ask(url, f"user-{i}")
-            assert r.status_code == 200 and r.headers["x-kvrelay-decode"] == f"decode-{ports[0]}"
+            assert r.status_code == 200 and r.headers["x-kvrelay-decode"] == f"decode-{stable.rsplit(':', 1)[1]}"
         wait_for(
             lambda: metric(url, "kvrelay_gateway_route_shadow_requests_total", route="chat", outcome="ok") == 5,
             30,

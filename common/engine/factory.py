@@ -49,6 +49,12 @@ def _release_load_memory() -> None:
     """Drop the parsed GGUF (its 49k-entry vocabulary costs ~200 MB of small objects) and hand the
     heap freed by dequantization back to the OS, so the KV cache is not stacked on top of it."""
     open_gguf.cache_clear()
+    release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Collect what was just dropped (a loaded model's scratch, an evicted model) and give the freed
+    heap back to the OS, so that resident memory follows what is in use."""
     gc.collect()
     if sys.platform == "linux":
         with contextlib.suppress(OSError):  # not glibc (e.g. musl): nothing to trim

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import gc
 import inspect
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from common.config import EngineConfig
 from common.engine.async_engine import AsyncEngine
-from common.engine.factory import build_engine, resolve_quantization
+from common.engine.factory import build_engine, release_freed_memory, resolve_quantization
 from common.errors import CacheFullError, ModelLoadError
 from common.kv.events import KVEventLog
 from common.model.footprint import estimate_bytes, weight_bytes
@@ -332,7 +329,4 @@ class ModelPool:
             self.known[model_id].evictions += 1
             log.info("evicted model %s (least recently used; %.0f MB freed)", model_id, hosted.footprint_bytes / MB)
         del hosted
-        gc.collect()
-        if sys.platform == "linux":
-            with contextlib.suppress(OSError):
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
+        release_freed_memory()

@@ -30,6 +30,11 @@ class KVCache:
             dtype=getattr(torch, layout.dtype),
             device=device,
         )
+        # Per-layer views of K and V, [num_blocks, block_size, H, D] each (strided over the other
+        # layers): writes and gathers index these directly, which costs a fraction of indexing the
+        # whole tensor with a mix of index tensors and integers.
+        self._k = [self.tensor[:, layer, 0] for layer in range(layout.num_layers)]
+        self._v = [self.tensor[:, layer, 1] for layer in range(layout.num_layers)]
 
     @property
     def block_size(self) -> int:
@@ -39,16 +44,15 @@ class KVCache:
         self, layer: int, block_ids: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> None:
         """Store k, v ([T, H, D]) of T tokens at (block_ids[t], offsets[t]) of one layer."""
-        self.tensor[block_ids, layer, 0, offsets] = k
-        self.tensor[block_ids, layer, 1, offsets] = v
+        self._k[layer].index_put_((block_ids, offsets), k)
+        self._v[layer].index_put_((block_ids, offsets), v)
 
     def gather(self, layer: int, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the blocks in block_table ([..., n]) as [..., n * block_size, H, D]. One gather
-        each: the result is contiguous, so the reshape is a view, not a second copy."""
+        """K and V of the blocks in block_table ([..., n]) as [..., n * block_size, H, D]: one
+        index_select of whole blocks each, whose result is contiguous, so the reshape is a view."""
         shape = (*block_table.shape[:-1], block_table.shape[-1] * self.block_size, *self.tensor.shape[-2:])
-        k = self.tensor[block_table, layer, 0].reshape(shape)
-        v = self.tensor[block_table, layer, 1].reshape(shape)
-        return k, v
+        flat = block_table.reshape(-1)
+        return self._k[layer].index_select(0, flat).view(shape), self._v[layer].index_select(0, flat).view(shape)
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
         """Whole blocks, [n, layers, 2, bs, H, D], for export: a view when the ids are one ascending

@@ -2,8 +2,8 @@
 
 The batch is a flat list of T new tokens. Decode sequences (one new token each) are attended
 together in one padded SDPA call; each prefill chunk gets its own call, so a long prompt and
-many decodes share one forward pass without one padding the other. The metadata is built by
-the model runner and passed explicitly; there is no global context.
+many decodes share one forward pass without one padding the other. The metadata, masks included,
+is built once per step by the model runner and shared by every layer; there is no global context.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ class PrefillChunk:
     num_new: int  # tokens computed in this step
     context_len: int  # tokens in the sequence after this step (cached + earlier chunks + new)
     block_table: torch.Tensor  # [ceil(context_len / block_size)]
+    mask: torch.Tensor | None = None  # [num_new, context_len] additive; None: nothing cached before (causal)
 
 
 @dataclass
@@ -31,7 +32,12 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     decode_token_idx: torch.Tensor  # [B] index in the flat batch of each decode token
     decode_block_tables: torch.Tensor  # [B, max_blocks], padded with 0
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size], True = attend
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] additive (0 or -inf); None: attend to all
+
+
+def additive_mask(keep: torch.Tensor) -> torch.Tensor:
+    """A boolean "may attend" mask as SDPA's additive float mask: built once per step, not per layer."""
+    return torch.zeros(keep.shape, device=keep.device).masked_fill_(~keep, float("-inf"))
 
 
 def paged_attention(
@@ -48,21 +54,17 @@ def paged_attention(
     out = torch.empty_like(q) if meta.prefills else q
     for chunk in meta.prefills:
         sl = slice(chunk.start, chunk.start + chunk.num_new)
-        if chunk.context_len == chunk.num_new:
-            # Nothing cached before this chunk: attend to the fresh K/V, no gather.
-            ck, cv, mask, causal = k[sl], v[sl], None, True
+        if chunk.mask is None:  # nothing cached before this chunk: attend to the fresh K/V, no gather
+            ck, cv = k[sl], v[sl]
         else:
             ck, cv = cache.gather(layer, chunk.block_table)
             ck, cv = ck[: chunk.context_len], cv[: chunk.context_len]
-            past = chunk.context_len - chunk.num_new
-            qpos = torch.arange(past, chunk.context_len).unsqueeze(1)
-            mask, causal = torch.arange(chunk.context_len).unsqueeze(0) <= qpos, False
         out[sl] = F.scaled_dot_product_attention(
             q[sl].transpose(0, 1),
             ck.transpose(0, 1),
             cv.transpose(0, 1),
-            attn_mask=mask,
-            is_causal=causal,
+            attn_mask=chunk.mask,
+            is_causal=chunk.mask is None,
             scale=scale,
             enable_gqa=True,
         ).transpose(0, 1)

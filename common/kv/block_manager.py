@@ -178,8 +178,8 @@ class BlockManager:
                 raise RuntimeError(f"double free of KV block {bid}")
             block.ref_count -= 1
             if block.ref_count == 0:
-                if block.block_hash is None:
-                    self._free.append(bid)
+                if block.block_hash is None:  # reused first, in ascending order: the cache's memory
+                    self._free.appendleft(bid)  # becomes resident only as far as blocks are in use
                 else:
                     self._evictable[bid] = None
 

@@ -7,6 +7,8 @@ and NIXL registers the whole cache once.
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Sequence
 
 import torch
@@ -20,16 +22,8 @@ class KVCache:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.layout = layout
         self.num_blocks = num_blocks
-        self.tensor = torch.zeros(
-            num_blocks,
-            layout.num_layers,
-            2,
-            layout.block_size,
-            layout.num_kv_heads,
-            layout.head_dim,
-            dtype=getattr(torch, layout.dtype),
-            device=device,
-        )
+        shape = (num_blocks, layout.num_layers, 2, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        self.tensor = _zeroed(shape, getattr(torch, layout.dtype), torch.device(device))
         # Per-layer views of K and V, [num_blocks, block_size, H, D] each (strided over the other
         # layers): writes and gathers index these directly, which costs a fraction of indexing the
         # whole tensor with a mix of index tensors and integers.
@@ -72,3 +66,14 @@ class KVCache:
     def block_view(self, block_id: int) -> torch.Tensor:
         """The live memory of one block (no copy): what a zero-copy transport reads or writes."""
         return self.tensor[block_id]
+
+
+def _zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros that take memory only as they are written. On CPU an anonymous mapping: the kernel
+    gives every page as zeros on first touch, so a worker's resident memory grows with the blocks
+    it has used, not with the cache's size (torch.zeros would write, and so commit, all of it).
+    Unwritten K/V must read as zeros, never garbage: padded attention rows multiply them by 0."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    mapping = mmap.mmap(-1, math.prod(shape) * dtype.itemsize)
+    return torch.frombuffer(mapping, dtype=dtype).view(shape)  # the tensor keeps the mapping alive

@@ -144,3 +144,17 @@ def test_each_models_chains_start_from_a_root_of_its_own():
         assert_no_leaks(engine)
     assert a.blocks.namespace == a.layout.model_id
     assert not set(a.blocks.cached_block_hashes()) & set(b.blocks.cached_block_hashes())
+
+
+def test_freed_uncached_blocks_are_reused_first_in_ascending_order():
+    """The cache's memory is committed only as blocks are used: a freed block is taken again
+    before one never touched, and a freed run comes back as the same ascending run."""
+    bm = BlockManager(num_blocks=16, block_size=4)
+    first = bm.allocate_blocks(3)
+    second = bm.allocate_blocks(2)
+    bm.free_blocks(first)
+    again = bm.allocate_blocks(3)
+    assert again == first == [0, 1, 2]
+    bm.free_blocks(again + second)
+    assert bm.leaks() == [] and bm.num_free_blocks == 16
+    bm.check_consistency()

@@ -30,3 +30,20 @@ def test_block_bytes_and_layout_mismatch_message():
         LAYOUT.check_compatible(other)
     assert "dtype: 'float32' != 'bfloat16'" in str(err.value) and "block_size: 4 != 16" in str(err.value)
     LAYOUT.check_compatible(KVLayout("m", "float32", 4, 2, 2, 8))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/status")
+def test_the_cache_becomes_resident_only_as_blocks_are_written():
+    layout = KVLayout("m", "float32", 16, 8, 4, 64)  # 256 KiB a block
+    before = _rss_mb()
+    cache = KVCache(layout, 1200)  # 300 MiB
+    assert _rss_mb() - before < 30
+    assert cache.tensor[::97].abs().sum().item() == 0.0  # unwritten blocks read as zeros
+    cache.write_blocks(list(range(100)), torch.ones(100, *cache.tensor.shape[1:]))  # 25 MiB
+    grown = _rss_mb() - before
+    assert 20 < grown < 60, grown

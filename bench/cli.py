@@ -66,6 +66,11 @@ def serve_cmd(
     rates: str = typer.Option(
         None, help="overload mode: comma-separated arrival rates, lowest = unloaded baseline (e.g. 0.12,0.5,1.5)"
     ),
+    streams: str = typer.Option(
+        None, help="closed-loop mode: comma-separated stream counts (e.g. 8,32): output tokens/s per weight format"
+    ),
+    formats: str = typer.Option("none,auto", help="with --streams: weight formats to compare (ABBA for two)"),
+    per_stream: int = typer.Option(4, help="with --streams: requests each stream sends, one after another"),
     seed: int = typer.Option(0),
     slo_ttft: float = typer.Option(10.0, help="TTFT SLO for goodput, s"),
     slo_tpot: float = typer.Option(0.25, help="TPOT SLO for goodput, s"),
@@ -78,7 +83,20 @@ def serve_cmd(
 
     if compare not in (None, "colocated", "tracing", "auth"):
         raise typer.BadParameter("use 'colocated', 'tracing' or 'auth'", param_hint="--compare")
-    if rates is not None:
+    if streams is not None:
+        from bench.streams_bench import run_streams_bench
+
+        if url is not None or compare is not None or rates is not None:
+            raise typer.BadParameter("--streams starts its own clusters; drop --url, --compare and --rates")
+        try:
+            counts = [int(s) for s in streams.split(",")]
+        except ValueError as e:
+            raise typer.BadParameter(f"{streams!r}: use counts like 8,32", param_hint="--streams") from e
+        fmts = [f.strip() for f in formats.split(",") if f.strip()]
+        if not counts or min(counts) <= 0 or not fmts or set(fmts) - {"auto", "none", "fp16", "int8"}:
+            raise typer.BadParameter("positive stream counts, formats among auto,none,fp16,int8")
+        result = run_streams_bench(model, counts, fmts, per_stream, seed)
+    elif rates is not None:
         if compare is not None:
             raise typer.BadParameter("--rates runs one cluster; drop --compare", param_hint="--rates")
         try:

@@ -128,7 +128,7 @@ async def stream_request(client: httpx.AsyncClient, url: str, path: str, body: d
     return s
 
 
-async def _one(
+async def send_completion(
     client: httpx.AsyncClient, url: str, model: str, kind: str, prompt: list[int], max_tokens: int
 ) -> Sample:
     body = {
@@ -161,7 +161,7 @@ async def run_load(
         with Progress(transient=True, console=Console(stderr=True)) as bar:  # stdout: the JSON only
             task = bar.add_task(f"{label}: {len(requests)} requests at {rate}/s", total=len(requests))
             for kind, prompt, olen in requests:
-                t = asyncio.create_task(_one(client, url, kind if kind_is_model else model, kind, prompt, olen))
+                t = asyncio.create_task(send_completion(client, url, kind if kind_is_model else model, kind, prompt, olen))
                 t.add_done_callback(lambda _: bar.advance(task))
                 tasks.append(t)
                 await asyncio.sleep(rng.expovariate(rate))

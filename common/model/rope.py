@@ -35,11 +35,14 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("sin", freqs.sin().float(), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token tables [T, 1, D/2], looked up once per forward and shared by every layer."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        """Per-token tables [T, 1, 2, D/2], looked up once per forward and shared by every layer:
+        cos for both halves, and sin signed for rotate_half (-sin for the first, +sin for the second)."""
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        return torch.stack((cos, cos), 2).to(dtype), torch.stack((-sin, sin), 2).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; cos, sin: [T, 1, D/2]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """x: [T, H, D]; cos, sin: [T, 1, 2, D/2] from `cos_sin`. x * cos + rotate_half(x) * sin, where
+    rotate_half's swap of the halves is a flip of the size-2 axis: three ops, no split or concat."""
+    halves = x.view(*x.shape[:-1], 2, x.shape[-1] // 2)
+    return torch.addcmul(halves * cos, halves.flip(-2), sin).view(x.shape)

@@ -5,11 +5,15 @@ Both formats use fbgemm kernels that torch ships, no kernel of our own:
 - `fp16`: weights stored as float16 and packed (`quantized::linear_prepack_fp16`), activations and
   accumulation in fp32. Half the bytes of fp32, and on SmolLM2 the same answers (top-1 agreement
   with fp32 above 99.7%, KL ~1e-5 over 1,000 positions of real text).
-- `int8`: weights int8 per output channel, activations quantized per tensor at each call
-  (`quantized::linear_dynamic`). A quarter of the bytes and the fastest, but per-tensor activation
-  scales cannot follow the outlier channels of a small LLM's activations: on SmolLM2 top-1
-  agreement falls to ~58% (KL ~1.0). Offered for models that tolerate it; measure first
-  (`kvrelay bench engine` reports agreement and KL per mode).
+- `int8`: weights int8 per output channel, activations quantized to 8 bits per token at each call
+  (`quantized::linear_dynamic`, rows pre-scaled: see `PackedLinear.forward`). A quarter of the
+  bytes and the fastest at large batches, but 8-bit activations cannot follow the outlier channels
+  of a small LLM's activations, and per-channel int8 weights lose some of a 4-bit file's per-block
+  precision: on SmolLM2 top-1 agreement with fp32 is ~0.90 (per-tensor scales gave ~0.5; int8
+  weights alone, activations in fp32, ~0.97). Offered for models that tolerate it; measure first
+  (`kvrelay bench engine` reports agreement and KL per mode). fbgemm sums pairs of u8*s8 products
+  in 16 bits on AVX2, which can saturate for two adjacent extreme values; the measured agreement
+  includes that.
 The embedding is kept in the same format (int8 rows with a scale each, or float16 rows): a lookup
 converts only the rows it reads. The output head is a packed linear over the same values.
 """
@@ -60,8 +64,17 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fmt == "fp16":
             y = torch.ops.quantized.linear_dynamic_fp16(x, self._packed)
-        else:  # reduce_range: 7-bit activations, so fbgemm's 16-bit pair sums cannot saturate on AVX2
-            y = torch.ops.quantized.linear_dynamic(x, self._packed, True)
+        else:
+            # Per-token activation scales from a per-tensor kernel: each row is brought to absmax 1
+            # before fbgemm quantizes the whole input with one scale, and its output scaled back (a
+            # linear map commutes with a row's scale). One outlier token then no longer coarsens
+            # every other row of the batch, or of a prompt.
+            # One row (a decode step of one sequence) needs none of this: its tensor scale is its own.
+            if x.shape[0] == 1:
+                y = torch.ops.quantized.linear_dynamic(x, self._packed, False)
+            else:
+                r = x.abs().amax(-1, keepdim=True).clamp_min_(1e-12)  # (vector_norm(inf) is 10x slower)
+                y = torch.ops.quantized.linear_dynamic(x / r, self._packed, False).mul_(r)
         return y if self.bias is None else y + self.bias
 
     def dequantized_weight(self) -> torch.Tensor:

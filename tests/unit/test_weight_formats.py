@@ -38,11 +38,26 @@ def test_packed_linear_computes_with_its_dequantized_weight(fmt, tol):
     layer.bias.data.normal_()
     x = torch.randn(7, 64)
     ref = x @ layer.dequantized_weight().t() + layer.bias
-    # fp16: only the weights are rounded; int8: activations are quantized per call too (7 bits)
+    # fp16: only the weights are rounded; int8: activations are quantized per token too (8 bits)
     assert (layer(x) - ref).abs().max() <= tol * ref.abs().max()
     assert (layer.dequantized_weight() - w).abs().max() <= (1e-3 if fmt == "fp16" else w.abs().max() / 127)
     with pytest.raises(ValueError, match="expected"):
         layer.set_weight(torch.randn(64, 96))
+
+
+def test_int8_activation_scales_are_per_token():
+    """A token with outlier activations (1000x the others) in the same call must not coarsen the
+    other rows: each row is quantized with its own scale, so its error stays relative to itself."""
+    torch.manual_seed(0)
+    layer = PackedLinear(64, 96, fmt="int8")
+    layer.set_weight(torch.randn(96, 64))
+    x = torch.randn(6, 64)
+    x[0] *= 1000.0
+    ref = x @ layer.dequantized_weight().t()
+    err = (layer(x) - ref).abs().amax(-1) / ref.abs().amax(-1)
+    assert (err <= 0.03).all(), err
+    alone = layer(x[3:4])  # a single row (the decode step of one sequence) takes the direct path
+    assert ((alone - ref[3:4]).abs().max() / ref[3].abs().max()) <= 0.03
 
 
 @pytest.mark.parametrize("fmt", ["fp16", "int8"])

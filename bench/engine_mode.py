@@ -1,6 +1,7 @@
 """One weight format's engine figures, in a process of its own so that its peak RSS is its own:
-decode tokens/s per concurrency, prefill tokens/s, peak RSS and the weight bytes one decode step
-reads. Run by `kvrelay bench engine`; prints one JSON object."""
+decode tokens/s per concurrency, prefill tokens/s, peak RSS (and RSS once loaded, and the most KV
+the runs held, which make up most of the peak at high concurrency) and the weight bytes one decode
+step reads. Run by `kvrelay bench engine`; prints one JSON object."""
 
 from __future__ import annotations
 
@@ -42,6 +43,11 @@ def peak_rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def current_rss_kb() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
 def run(args: dict) -> dict:
     engine = build_engine(
         EngineConfig(
@@ -53,7 +59,11 @@ def run(args: dict) -> dict:
         progress=False,
     )
     decode_rate(engine, 2, 8, "warmup")
-    decode = {str(c): round(decode_rate(engine, c, args["new_tokens"], f"c{c}"), 2) for c in args["concurrency"]}
+    loaded_kb = current_rss_kb()  # weights and runtime; the KV cache is resident only as used
+    decode, peak_blocks = {}, 0
+    for c in args["concurrency"]:
+        rate, blocks = decode_rate(engine, c, args["new_tokens"], f"c{c}")
+        decode[str(c)], peak_blocks = round(rate, 2), max(peak_blocks, blocks)
     prefill = round(prefill_rate(engine, args["prefill_len"], 4), 1)
     if engine.blocks.leaks():
         raise RuntimeError(f"KV blocks leaked during the benchmark: {engine.blocks.leaks()}")
@@ -61,6 +71,8 @@ def run(args: dict) -> dict:
         "decode_tok_s": decode,
         "prefill_tok_s": prefill,
         "peak_rss_mb": round(peak_rss_kb() / 1024, 1),
+        "loaded_rss_mb": round(loaded_kb / 1024, 1),
+        "peak_kv_mb": round(peak_blocks * engine.layout.block_bytes / 2**20, 1),
         "weight_mb_per_token": round(weight_bytes_per_token(engine.runner.model) / 2**20, 1),
     }
 

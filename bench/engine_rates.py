@@ -1,7 +1,8 @@
 """The engine's throughput measures, in-process.
 
 decode_rate: c requests with short chat prompts generate `new_tokens` each; the rate counts tokens
-after the first and the time after every request has its first token (the decode phase).
+after the first and the time after every request has its first token (the decode phase). Also
+returns the most KV blocks the run held at once.
 prefill_rate: distinct `prompt_len`-token prompts, one at a time, max_tokens=1, no cache hits.
 """
 
@@ -21,19 +22,21 @@ def chat(engine: LLMEngine, i: int) -> list[int]:
     return engine.tokenizer.encode_chat([{"role": "user", "content": f"Write story {i} about {topic}."}])
 
 
-def decode_rate(engine: LLMEngine, concurrency: int, new_tokens: int, tag: str) -> float:
+def decode_rate(engine: LLMEngine, concurrency: int, new_tokens: int, tag: str) -> tuple[float, int]:
     params = SamplingParams.create(max_tokens=new_tokens, ignore_eos=True)
     for i in range(concurrency):
         engine.add_request(f"{tag}-{i}", chat(engine, i), params)
     started: set[str] = set()
     t_decode = None
+    peak_blocks = 0
     while engine.has_unfinished():
         for out in engine.step():
             started.add(out.request_id)
+        peak_blocks = max(peak_blocks, engine.blocks.num_used_blocks)
         if t_decode is None and len(started) == concurrency:
             t_decode = time.perf_counter()
     assert t_decode is not None
-    return concurrency * (new_tokens - 1) / (time.perf_counter() - t_decode)
+    return concurrency * (new_tokens - 1) / (time.perf_counter() - t_decode), peak_blocks
 
 
 def prefill_rate(engine: LLMEngine, prompt_len: int, count: int) -> float:

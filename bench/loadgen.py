@@ -161,7 +161,8 @@ async def run_load(
         with Progress(transient=True, console=Console(stderr=True)) as bar:  # stdout: the JSON only
             task = bar.add_task(f"{label}: {len(requests)} requests at {rate}/s", total=len(requests))
             for kind, prompt, olen in requests:
-                t = asyncio.create_task(send_completion(client, url, kind if kind_is_model else model, kind, prompt, olen))
+                asked = kind if kind_is_model else model
+                t = asyncio.create_task(send_completion(client, url, asked, kind, prompt, olen))
                 t.add_done_callback(lambda _: bar.advance(task))
                 tasks.append(t)
                 await asyncio.sleep(rng.expovariate(rate))

@@ -29,7 +29,8 @@ async def _closed_loop(
 ) -> tuple[list[Sample], float]:
     # distinct prompts per stream and per stream count (no prefix-cache hits between runs of one cluster)
     plans = [plan_requests(per_stream, STREAM_MIX, vocab, seed * 100_000 + streams * 1000 + i) for i in range(streams)]
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=streams + 8)) as client:
+    limits = httpx.Limits(max_connections=streams + 8)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         with Progress(transient=True, console=Console(stderr=True)) as bar:
             task = bar.add_task(f"{label}: {streams} streams", total=streams * per_stream)
 
@@ -87,10 +88,10 @@ def run_streams_bench(model: str | None, streams: list[int], formats: list[str],
         "workload": {"streams": streams, "requests_per_stream": per_stream, "mix": [m.__dict__ for m in STREAM_MIX]},
     }
     if len(formats) == 2:
-        a, b = formats
+        a, b = (result["formats"][f] for f in formats)
         result["ratios"] = {
-            f"{b}_over_{a}_{s}": round(result["formats"][b][str(s)]["output_tok_s"] / result["formats"][a][str(s)]["output_tok_s"], 3)
+            f"{formats[1]}_over_{formats[0]}_{s}": round(b[str(s)]["output_tok_s"] / a[str(s)]["output_tok_s"], 3)
             for s in streams
-            if result["formats"][a][str(s)]["output_tok_s"]
+            if a[str(s)]["output_tok_s"]
         }
     return result

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
-import sys
-
 import torch
 
 from common.config import EngineConfig
 from common.engine.llm_engine import LLMEngine
 from common.kv.events import KVEventLog
+from common.memory import release_freed_memory
 from common.model.loader import gguf_is_quantized, load_model
 from common.model_source import ModelSource, open_gguf, resolve_model
 from common.tokenizer import Tokenizer
@@ -50,12 +46,3 @@ def _release_load_memory() -> None:
     heap freed by dequantization back to the OS, so the KV cache is not stacked on top of it."""
     open_gguf.cache_clear()
     release_freed_memory()
-
-
-def release_freed_memory() -> None:
-    """Collect what was just dropped (a loaded model's scratch, an evicted model) and give the freed
-    heap back to the OS, so that resident memory follows what is in use."""
-    gc.collect()
-    if sys.platform == "linux":
-        with contextlib.suppress(OSError):  # not glibc (e.g. musl): nothing to trim
-            ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -9,6 +9,7 @@ import torch
 from rich.progress import Progress
 
 from common.errors import ModelLoadError
+from common.memory import release_freed_memory
 from common.model.config import ModelConfig
 from common.model.gguf_meta import gguf_field, gguf_model_config
 from common.model.llama import LlamaForCausalLM
@@ -77,12 +78,16 @@ def _gguf(source: ModelSource) -> tuple[ModelConfig, Iterator[tuple[str, torch.T
     # rotate_half RoPE serves GGUF and safetensors alike.
     unpermute = gguf_field(reader, "general.architecture") == "llama"
 
+    table = list(reader.tensors)  # views of the file's mapping; all the weights need
+    # The parsed metadata (the 49k-entry vocabulary is ~200 MB of small objects) goes before the
+    # weights arrive, so the two never add up in the peak; the tokenizer is built by now.
+    del reader
+    open_gguf.cache_clear()
+    release_freed_memory()
+
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for t in reader.tensors:
-            array = dequantize(t.data, t.tensor_type)
-            if not array.flags.writeable:  # unquantized tensors are views of the read-only mapping
-                array = array.copy()
-            tensor = torch.from_numpy(array)
+        for t in table:
+            tensor = _dequantize(t.data, t.tensor_type, dequantize)
             parts = t.name.split(".")
             if parts[0] == "blk":
                 layer, base, kind = parts[1], parts[2], parts[3]
@@ -93,7 +98,22 @@ def _gguf(source: ModelSource) -> tuple[ModelConfig, Iterator[tuple[str, torch.T
             else:
                 yield f"{_GGUF_TOP_NAMES[parts[0]]}.{parts[1]}", tensor
 
-    return cfg, tensors(), len(reader.tensors)
+    return cfg, tensors(), len(table)
+
+
+def _dequantize(data, kind, dequantize, rows_per_chunk: int = 4096) -> torch.Tensor:  # noqa: ANN001 - gguf types
+    """One tensor as fp32, a chunk of rows at a time: dequantizing a large matrix whole (the
+    embedding) makes intermediates larger than its result, which would set the load's peak."""
+    if data.ndim < 2 or data.shape[0] <= rows_per_chunk:
+        array = dequantize(data, kind)
+        # unquantized tensors are views of the read-only mapping
+        return torch.from_numpy(array if array.flags.writeable else array.copy())
+    first = torch.from_numpy(dequantize(data[:rows_per_chunk], kind))
+    out = torch.empty((data.shape[0], *first.shape[1:]), dtype=first.dtype)
+    out[:rows_per_chunk] = first
+    for i in range(rows_per_chunk, data.shape[0], rows_per_chunk):
+        out[i : i + rows_per_chunk] = torch.from_numpy(dequantize(data[i : i + rows_per_chunk], kind))
+    return out
 
 
 def _unpermute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:

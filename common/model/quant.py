@@ -28,11 +28,16 @@ from torch import nn
 QUANTIZATIONS = ("none", "fp16", "int8")
 
 
-def int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row of a [rows, cols] tensor: (int8 values, fp32 scale per row)."""
-    w = weight.float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+def int8_per_channel(weight: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of a [rows, cols] tensor: (int8 values, fp32 scale per row). In
+    chunks of rows, so that quantizing a large matrix (an embedding) adds little to peak memory."""
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scale = torch.empty(weight.shape[0])
+    for i in range(0, weight.shape[0], rows_per_chunk):
+        w = weight[i : i + rows_per_chunk].float()
+        s = scale[i : i + rows_per_chunk]
+        torch.div(w.abs().amax(dim=1), 127.0, out=s).clamp_min_(1e-12)
+        q[i : i + rows_per_chunk] = (w / s[:, None]).round_().clamp_(-127, 127)  # never in place: w may be the caller's
     return q, scale
 
 

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 from common.config import EngineConfig
 from common.engine.async_engine import AsyncEngine
-from common.engine.factory import build_engine, release_freed_memory, resolve_quantization
+from common.engine.factory import build_engine, resolve_quantization
 from common.errors import CacheFullError, ModelLoadError
 from common.kv.events import KVEventLog
+from common.memory import release_freed_memory
 from common.model.footprint import estimate_bytes, weight_bytes
 from common.model_source import resolve_model
 from common.serving.metrics import MODEL_LOAD_SECONDS

@@ -5,7 +5,8 @@ Each format runs in a process of its own (so each peak RSS is its own): decode t
 concurrency, prefill tokens/s, peak RSS, the weight bytes a decode step reads. The machine's
 memory bandwidth is measured here (a large tensor read); a batch-1 decode step must read every
 weight once, so `bandwidth / bytes per step` bounds single-stream decode, and each format's batch-1
-rate is also reported as a fraction of its bound. A separate process measures each format's top-1
+rate is also reported as a fraction of its bound, and of the rate its matmul kernels alone allow
+(a step that did nothing but its matrix products). A separate process measures each format's top-1
 agreement and KL divergence against transformers' fp32 logits on real text. The top-level keys
 describe the default format (what `auto` picks), as before.
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from rich.progress import Progress
 
@@ -70,8 +71,6 @@ def gguf_is_quantized(source: ModelSource) -> bool:
 
 
 def _gguf(source: ModelSource) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]], int]:
-    from gguf import dequantize
-
     reader = open_gguf(source.path)
     cfg = gguf_model_config(reader)
     # llama.cpp's converter interleaves the rotary halves of Q and K for Llama; undo it so one
@@ -87,7 +86,7 @@ def _gguf(source: ModelSource) -> tuple[ModelConfig, Iterator[tuple[str, torch.T
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for t in table:
-            tensor = _dequantize(t.data, t.tensor_type, dequantize)
+            tensor = dequantize_tensor(t.data, t.tensor_type)
             parts = t.name.split(".")
             if parts[0] == "blk":
                 layer, base, kind = parts[1], parts[2], parts[3]
@@ -101,19 +100,21 @@ def _gguf(source: ModelSource) -> tuple[ModelConfig, Iterator[tuple[str, torch.T
     return cfg, tensors(), len(table)
 
 
-def _dequantize(data, kind, dequantize, rows_per_chunk: int = 4096) -> torch.Tensor:  # noqa: ANN001 - gguf types
-    """One tensor as fp32, a chunk of rows at a time: dequantizing a large matrix whole (the
+def dequantize_tensor(data, kind, rows_per_chunk: int = 4096) -> torch.Tensor:  # noqa: ANN001 - gguf types
+    """One GGUF tensor's values, a chunk of rows at a time: dequantizing a large matrix whole (the
     embedding) makes intermediates larger than its result, which would set the load's peak."""
+    from gguf import dequantize
+
     if data.ndim < 2 or data.shape[0] <= rows_per_chunk:
         array = dequantize(data, kind)
         # unquantized tensors are views of the read-only mapping
         return torch.from_numpy(array if array.flags.writeable else array.copy())
-    first = torch.from_numpy(dequantize(data[:rows_per_chunk], kind))
-    out = torch.empty((data.shape[0], *first.shape[1:]), dtype=first.dtype)
-    out[:rows_per_chunk] = first
+    first = dequantize(data[:rows_per_chunk], kind)
+    rows = np.empty((data.shape[0], *first.shape[1:]), dtype=first.dtype)
+    rows[:rows_per_chunk] = first
     for i in range(rows_per_chunk, data.shape[0], rows_per_chunk):
-        out[i : i + rows_per_chunk] = torch.from_numpy(dequantize(data[i : i + rows_per_chunk], kind))
-    return out
+        rows[i : i + rows_per_chunk] = dequantize(data[i : i + rows_per_chunk], kind)
+    return torch.from_numpy(rows)
 
 
 def _unpermute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:

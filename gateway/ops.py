@@ -36,6 +36,8 @@ def add_ops_routes(app: FastAPI, registry: WorkerRegistry, lifecycle: Lifecycle)
                 "draining": [w.worker_id for w in draining],
                 "down": {w.address: w.error for w in members if not w.healthy},
                 "incompatible": {w.address: errors[w.address] for w in members if w.address in errors},
+                # which models each healthy worker holds in memory now (as of the last Stats poll)
+                "loaded": {w.worker_id: sorted(m for m, s in w.models.items() if s.loaded) for w in pools[role]},
             }
         ok = bool(pools["decode"])  # a decode worker can prefill locally, so it alone can serve
         mode = "disaggregated" if pools["prefill"] and ok else ("colocated" if ok else "unavailable")

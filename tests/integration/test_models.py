@@ -18,6 +18,7 @@ from kvrelay.launcher import Cluster, free_worker_ports
 from tests.helpers import assert_no_leaks, run_to_completion, tokens_of
 from tests.integration.client import chat_token_ids, metric
 from tests.tiny_checkpoint import write_tiny_checkpoint
+from tests.waiting import async_wait_for
 
 QUESTION = "which model are you?"
 
@@ -35,6 +36,12 @@ def reference(model_dir: str, max_tokens: int) -> list[int]:
     out = tokens_of(run_to_completion(engine)["ref"])
     assert_no_leaks(engine)
     return out
+
+
+async def decode_holds(client: httpx.AsyncClient, url: str, models: list[str]) -> bool:
+    """Whether the gateway sees its decode workers holding exactly `models` (routing follows this)."""
+    loaded = (await client.get(f"{url}/ready")).json()["workers"]["decode"]["loaded"]
+    return bool(loaded) and all(held == models for held in loaded.values())
 
 
 def test_two_models_share_workers_within_a_budget_of_one(cluster_factory, two_models, tmp_path):
@@ -58,8 +65,12 @@ def test_two_models_share_workers_within_a_budget_of_one(cluster_factory, two_mo
             # Each switch loads one model and evicts the other on both workers. The first request after a
             # switch finds its model cold on the decode worker, which then prefills it itself (a load
             # would outlast the prefill side's KV lease); the next one goes prefill -> decode.
-            for i, name in enumerate(["tiny-a", "tiny-b", "tiny-b", "tiny-a", "tiny-a", "tiny-b", "tiny-b"]):
-                await asyncio.sleep(0.6)  # a Stats poll or more since the last load
+            order = ["tiny-a", "tiny-b", "tiny-b", "tiny-a", "tiny-a", "tiny-b", "tiny-b"]
+            for i, name in enumerate(order):
+                # the mode below follows the gateway's view of what the decode worker holds: wait until
+                # it shows only the last model asked for (tiny-a, preloaded, before the first request)
+                held = ["tiny-a" if i == 0 else order[i - 1]]
+                await async_wait_for(lambda held=held: decode_holds(client, run.url, held), what=f"decode holds {held}")
                 ids, mode = await chat_token_ids(client, run.url, name, QUESTION, 12, stream=bool(i % 2))
                 assert ids == want[name], name
                 assert mode == ("disaggregated" if i in (0, 2, 4, 6) else "colocated"), (i, name, mode)

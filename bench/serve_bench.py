@@ -67,7 +67,9 @@ def _secured(log_dir: str) -> tuple[dict[str, str], dict[str, str]]:
     return env, {"Authorization": f"Bearer {api_key}"}
 
 
-def _start(mode: str, model: str | None, log_dir: str, env: dict[str, str]) -> tuple[Cluster, str]:
+def start_cluster(mode: str, model: str | None, log_dir: str, env: dict[str, str]) -> tuple[Cluster, str]:
+    """A cluster of the bench's shape (disaggregated: 1 prefill + 1 decode worker, the cores split
+    between them; colocated: one worker with all of them) and its gateway URL, once ready."""
     cores = os.cpu_count() or 1
     env = {"KVRELAY_TRACING__DIR": os.path.join(log_dir, "traces"), **env}
     cluster = Cluster(log_dir=log_dir, env=env)
@@ -138,7 +140,7 @@ def run_serve_bench(
             if label == "secured":
                 secured_env, headers = _secured(log_dir)
                 env = {**env, **secured_env}
-            cluster, run_url = _start(mode, model, log_dir, env)
+            cluster, run_url = start_cluster(mode, model, log_dir, env)
             try:
                 summary, samples = _measure(run_url, run, n, rate, seed, slo_ttft, slo_tpot, headers=headers)
             finally:
@@ -223,7 +225,7 @@ def run_rates_bench(
     per_rate: list[dict] = []
     all_samples: dict[str, list] = {}
     with tempfile.TemporaryDirectory() as logs:
-        cluster, run_url = (None, url) if url else _start("disaggregated", model, logs, {})
+        cluster, run_url = (None, url) if url else start_cluster("disaggregated", model, logs, {})
         try:
             for i, rate in enumerate(rates):
                 label = f"{rate:g}/s"

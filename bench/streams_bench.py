@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from bench.loadgen import Mix, Sample, percentile, plan_requests, send_completion
+from bench.serve_bench import start_cluster
 
 STREAM_MIX = (Mix("chat", 1.0, (20, 120), (64, 64)),)
 
@@ -62,8 +63,6 @@ def _figures(samples: list[Sample], seconds: float) -> dict:
 
 
 def run_streams_bench(model: str | None, streams: list[int], formats: list[str], per_stream: int, seed: int) -> dict:
-    from bench.serve_bench import _start  # one way to start the disaggregated cluster
-
     order = formats if len(formats) != 2 else [formats[0], formats[1], formats[1], formats[0]]
     pooled: dict[str, dict[int, tuple[list[Sample], float]]] = {f: {} for f in formats}
     with tempfile.TemporaryDirectory() as logs:
@@ -71,7 +70,7 @@ def run_streams_bench(model: str | None, streams: list[int], formats: list[str],
             env = {"KVRELAY_ENGINE__QUANTIZATION": fmt, "KVRELAY_ADMISSION__MAX_WAITING_PER_WORKER": str(max(streams))}
             log_dir = os.path.join(logs, f"{fmt}-{i}")
             os.makedirs(log_dir)
-            cluster, url = _start("disaggregated", model, log_dir, env)
+            cluster, url = start_cluster("disaggregated", model, log_dir, env)
             try:
                 info = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
                 vocab = 49152 if "smollm2" in info["id"].lower() else 256

@@ -31,14 +31,15 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         t = torch.arange(cfg.max_position, dtype=torch.float64)
         freqs = torch.outer(t, _inv_freq(cfg))
-        self.register_buffer("cos", freqs.cos().float(), persistent=False)
-        self.register_buffer("sin", freqs.sin().float(), persistent=False)
+        # [max_position, 2, D/2] each, in the form apply_rotary takes: cos for both halves, and sin
+        # signed for rotate_half (-sin for the first half, +sin for the second)
+        cos, sin = freqs.cos().float(), freqs.sin().float()
+        self.register_buffer("cos", torch.stack((cos, cos), 1), persistent=False)
+        self.register_buffer("sin", torch.stack((-sin, sin), 1), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token tables [T, 1, 2, D/2], looked up once per forward and shared by every layer:
-        cos for both halves, and sin signed for rotate_half (-sin for the first, +sin for the second)."""
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-        return torch.stack((cos, cos), 2).to(dtype), torch.stack((-sin, sin), 2).to(dtype)
+        """Per-token tables [T, 1, 2, D/2], looked up once per forward and shared by every layer."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from common.config import EngineConfig
 from common.engine.sampling import SamplingParams
 from common.serving.model_pool import ModelBusyError, ModelNotServedError, ModelPool
 from tests.tiny_checkpoint import write_tiny_checkpoint
+from tests.waiting import async_wait_for
 
 KV_MB = 1
 
@@ -187,15 +188,19 @@ def test_steady_traffic_to_one_model_does_not_starve_the_load_of_another(models)
         await pool.preload()
         stop = asyncio.Event()
 
+        served = [0, 0]
+
         async def steady(tag: int) -> int:  # back-to-back calls to a, always one in flight
-            n = 0
             while not stop.is_set():
-                await _generate(pool, "tiny-a", [1, 2, 3], f"a{tag}-{n}")
-                n += 1
-            return n
+                await _generate(pool, "tiny-a", [1, 2, 3], f"a{tag}-{served[tag]}")
+                served[tag] += 1
+            return served[tag]
+
+        async def flowing() -> bool:
+            return all(served)
 
         traffic = [asyncio.create_task(steady(t)) for t in range(2)]
-        await asyncio.sleep(0.2)
+        await async_wait_for(flowing, what="steady traffic to a")
         assert len(await _generate(pool, "tiny-b", [4, 5, 6], "b")) == 4  # a stops taking calls, is evicted
         stop.set()
         assert all(n > 0 for n in await asyncio.gather(*traffic))  # a's callers were served, after b
